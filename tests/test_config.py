@@ -1,0 +1,68 @@
+"""Config: YAML + key=value overrides, TRL names, validation messages that name field, value and fix."""
+
+import pytest
+
+from zerorl.config import ConfigError, TrainConfig, build_config, parse_overrides
+
+
+def test_overrides_are_typed():
+    config = build_config(TrainConfig, None, parse_overrides(
+        ["beta=0.0", "num_generations=4", "epsilon_high=0.28", "task_args={max_digits: 3}",
+         "eval_at_start=false", "reward_funcs=[format, accuracy]"]))
+    assert config.beta == 0.0 and isinstance(config.beta, float)
+    assert config.num_generations == 4 and isinstance(config.num_generations, int)
+    assert config.epsilon_high == 0.28
+    assert config.task_args == {"max_digits": 3}
+    assert config.eval_at_start is False
+    assert config.reward_funcs == ["format", "accuracy"]
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: 0.1\nlearning_rate: 1.0e-5\nmax_steps: 7\n")
+    config = build_config(TrainConfig, path, {"max_steps": "9"})
+    assert (config.beta, config.learning_rate, config.max_steps) == (0.1, 1e-5, 9)
+
+
+def test_trl_boolean_scale_rewards():
+    assert build_config(TrainConfig, None, {"scale_rewards": "false"}).scale_rewards == "none"
+    assert build_config(TrainConfig, None, {"scale_rewards": True}).scale_rewards == "group"
+
+
+def test_loss_type_maps_to_aggregation_mode():
+    assert build_config(TrainConfig, None, {"loss_type": "dr_grpo"}).loss_agg_mode == "seq-mean-token-sum-norm"
+    assert build_config(TrainConfig, None, {"loss_type": "dapo"}).loss_agg_mode == "token-mean"
+    assert TrainConfig().loss_agg_mode == "seq-mean-token-mean"
+
+
+@pytest.mark.parametrize("pair, words", [
+    ("num_generations=1", ["num_generations=1", "at least 2"]),
+    ("epsilon=1.5", ["epsilon=1.5", "(0, 1)"]),
+    ("epsilon=0", ["epsilon=0", "(0, 1)"]),
+    ("max_completion_length=0", ["max_completion_length=0", "positive"]),
+    ("loss_type=ppo", ["loss_type='ppo'", "grpo"]),
+    ("beta=-1", ["beta=-1.0", "negative"]),
+    ("temperature=0", ["temperature=0.0", "> 0"]),
+    ("learning_rate=abc", ["learning_rate='abc'", "float"]),
+])
+def test_bad_values_name_field_value_and_fix(pair, words):
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainConfig, None, parse_overrides([pair]))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="num_generations"):
+        build_config(TrainConfig, None, {"num_generation": "8"})
+
+
+def test_missing_yaml_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(TrainConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["beta"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        build_config(TrainConfig, bad)

@@ -1,0 +1,269 @@
+"""Typed configuration: dataclasses with defaults, loaded from YAML, overridden as ``key=value``.
+
+Names follow TRL's ``GRPOConfig`` where one exists (``num_generations``, ``beta``, ``epsilon``,
+``epsilon_high``, ``loss_type``, ``scale_rewards``, ``num_iterations``, ``max_completion_length``,
+``learning_rate``, ``temperature``, ``save_steps``...), so a TRL user can move a recipe over by
+copying keys. Every value is validated once, before any work starts, with a message that names the
+field, the value seen and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field, the value and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``zerorl train`` needs. Defaults are the embedded CPU recipe."""
+
+    # --- what to train -------------------------------------------------------------------------
+    algo: str = "grpo"  # grpo | ppo | trpo
+    model: str | None = None  # HF directory or hub id; None = the embedded base model (built by `zerorl sft`)
+    task: str = "arithmetic"  # arithmetic | countdown | jsonl
+    task_args: dict = field(default_factory=dict)  # forwarded to the task (e.g. {"max_digits": 3})
+    template: str = "auto"  # auto | compact | r1zero | chat | plain
+    reward_funcs: list = field(default_factory=list)  # [] = the task's defaults; else names or "file.py:fn"
+    reward_weights: list = field(default_factory=list)
+    reward_errors: str = "raise"  # raise | zero
+    output_dir: str = "runs/train"
+    seed: int = 0
+
+    # --- sampling (the rollout) ----------------------------------------------------------------
+    max_steps: int = 150
+    prompts_per_step: int = 16
+    num_generations: int = 8  # G, completions per prompt
+    max_completion_length: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    # --- the GRPO objective --------------------------------------------------------------------
+    advantage_estimator: str = "grpo"  # grpo | rloo | reinforce_pp
+    scale_rewards: str = "group"  # group | batch | none (TRL's names; none = Dr. GRPO)
+    loss_type: str = "grpo"  # grpo (seq-mean-token-mean) | bnpo/dapo (token-mean) | dr_grpo
+    epsilon: float = 0.2  # clip ε (low side; also high side unless epsilon_high is set)
+    epsilon_high: float | None = None  # DAPO's clip-higher
+    beta: float = 0.04  # KL coefficient; 0 = no reference model is loaded
+    kl_estimator: str = "k3"
+    ref_model_sync_steps: int = 0  # >0: copy the policy into the reference every N steps
+    num_iterations: int = 1  # μ, passes over each rollout batch
+    num_minibatches: int = 1  # optimizer steps per pass
+    micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation below it)
+
+    # --- optimizer -----------------------------------------------------------------------------
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    warmup_steps: int = 5
+    lr_scheduler_type: str = "constant"  # constant | linear | cosine
+    max_grad_norm: float = 1.0
+
+    # --- evaluation, logging, checkpoints ------------------------------------------------------
+    num_eval: int = 500
+    eval_samples_per_prompt: int = 4  # k for accuracy at the training temperature and pass@k
+    eval_at_start: bool = True
+    eval_at_end: bool = True
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    plots: bool = True
+    progress: bool = True
+
+    # --- runtime -------------------------------------------------------------------------------
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    cache_dir: str | None = None  # where the embedded base model is cached; None = ~/.cache/zerorl
+
+    def validate(self) -> TrainConfig:
+        _check_choice("algo", self.algo, ("grpo", "ppo", "trpo"))
+        _check_choice("template", self.template, ("auto", "compact", "r1zero", "chat", "plain"))
+        _check_choice("reward_errors", self.reward_errors, ("raise", "zero"))
+        _check_choice("advantage_estimator", self.advantage_estimator, ("grpo", "rloo", "reinforce_pp"))
+        _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        _check_choice("loss_type", self.loss_type, tuple(LOSS_TYPE_TO_AGG_MODE))
+        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, ("constant", "linear", "cosine"))
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        for name in ("max_steps", "prompts_per_step", "max_completion_length", "num_iterations",
+                     "num_minibatches", "micro_batch_size", "num_eval", "eval_samples_per_prompt"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, "must be a positive integer")
+        _check("num_generations", self.num_generations, self.num_generations >= 1, "must be ≥ 1")
+        if self.num_generations < 2 and self.scale_rewards != "none" and self.advantage_estimator == "grpo":
+            raise ConfigError(
+                f"num_generations={self.num_generations}: group-relative advantages with "
+                f"scale_rewards='{self.scale_rewards}' need a group of at least 2 completions "
+                "(one completion has no group std). Fix: num_generations=2 or more.")
+        if self.advantage_estimator == "rloo" and self.num_generations < 2:
+            raise ConfigError(f"num_generations={self.num_generations}: RLOO's leave-one-out baseline needs "
+                              "at least 2 completions per prompt. Fix: num_generations=2 or more.")
+        _check("epsilon", self.epsilon, 0 < self.epsilon < 1, "the clip range must lie in (0, 1), e.g. 0.2")
+        if self.epsilon_high is not None:
+            _check("epsilon_high", self.epsilon_high, 0 < self.epsilon_high < 1,
+                   "the upper clip range must lie in (0, 1), e.g. 0.28 (DAPO)")
+        _check("beta", self.beta, self.beta >= 0, "the KL coefficient cannot be negative; 0 disables it")
+        _check("temperature", self.temperature, self.temperature > 0,
+               "sampling temperature must be > 0 for RL (greedy completions have no spread to learn from)")
+        _check("top_p", self.top_p, 0 < self.top_p <= 1, "must lie in (0, 1]")
+        _check("top_k", self.top_k, self.top_k >= 0, "must be ≥ 0 (0 = off)")
+        _check("learning_rate", self.learning_rate, self.learning_rate > 0, "must be > 0, e.g. 1e-6 for 1B+ models")
+        _check("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "must be > 0")
+        _check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "must be ≥ 0")
+        _check("save_steps", self.save_steps, self.save_steps >= 0, "must be ≥ 0 (0 = only at the end)")
+        _check("save_total_limit", self.save_total_limit, self.save_total_limit >= 1, "keep at least 1 checkpoint")
+        _check("ref_model_sync_steps", self.ref_model_sync_steps, self.ref_model_sync_steps >= 0, "must be ≥ 0")
+        if self.reward_weights and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
+                f"{len(self.reward_funcs)}. Fix: give one weight per reward function, or none (all 1.0).")
+        return self
+
+    @property
+    def loss_agg_mode(self) -> str:
+        return LOSS_TYPE_TO_AGG_MODE[self.loss_type]
+
+
+# TRL's loss_type names → the aggregation modes of zerorl.core.losses.aggregate.
+LOSS_TYPE_TO_AGG_MODE = {
+    "grpo": "seq-mean-token-mean",  # the article: 1/G Σ_i 1/|o_i| Σ_t
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",  # divide by the constant max_completion_length
+}
+
+
+def _check(name: str, value: Any, ok: bool, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: {fix}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}. "
+                          f"Fix: set {name} to one of those.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML file, then key=value overrides, then validation.
+# ---------------------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, raw: Any, annotation: Any) -> Any:
+    """Turn a YAML value or a command-line string into the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(name, raw, non_none[0])
+    if isinstance(raw, str) and annotation in (dict, list) or origin in (dict, list):
+        if isinstance(raw, str):
+            raw = yaml.safe_load(raw)
+        expected = origin or annotation
+        if not isinstance(raw, expected):
+            raise ConfigError(f"{name}={raw!r} should be a {expected.__name__}, e.g. "
+                              f"{name}={'{max_digits: 3}' if expected is dict else '[a, b]'}.")
+        return raw
+    try:
+        if annotation is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+        if annotation is float:
+            return float(raw)
+        if annotation is str:
+            if isinstance(raw, bool):  # TRL accepts scale_rewards=True/False
+                return {True: "group", False: "none"}[raw] if name == "scale_rewards" else str(raw)
+            text = str(raw)
+            if name == "scale_rewards" and text.lower() in ("true", "false"):
+                return "group" if text.lower() == "true" else "none"
+            return text
+    except (TypeError, ValueError):
+        pass
+    else:
+        return raw
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{name}={raw!r} is not a valid {type_name}. Fix: give a {type_name} value.")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["beta=0.0", "task_args={max_digits: 3}"]`` → ``{"beta": "0.0", ...}``."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form key=value, e.g. beta=0.0")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def apply_values(config: Any, values: dict[str, Any], source: str) -> Any:
+    """Set dataclass fields from a mapping, coercing types; unknown keys name the closest match."""
+    types_by_name = _field_types(type(config))
+    for key, raw in values.items():
+        if key not in types_by_name:
+            close = difflib.get_close_matches(key, list(types_by_name), n=3)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in {source}.{hint} "
+                              f"Valid keys: {', '.join(sorted(types_by_name))}.")
+        setattr(config, key, _coerce(key, raw, types_by_name[key]))
+    return config
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist. Fix: check the path passed to --config.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value pairs, "
+                          f"got {type(data).__name__}.")
+    return data
+
+
+def build_config(cls: type, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 validate: bool = True) -> Any:
+    config = cls()
+    if yaml_path is not None:
+        apply_values(config, load_yaml(yaml_path), source=str(yaml_path))
+    if overrides:
+        apply_values(config, overrides, source="the command line")
+    return config.validate() if validate and hasattr(config, "validate") else config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
