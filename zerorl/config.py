@@ -44,7 +44,7 @@ class TrainConfig:
     max_steps: int = 150
     prompts_per_step: int = 16
     num_generations: int = 8  # G, completions per prompt
-    max_completion_length: int = 48
+    max_completion_length: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -1,0 +1,206 @@
+"""GRPO for language models — the DeepSeek-R1-Zero recipe, read top to bottom.
+
+    for each step:
+        q_1..q_P  ← next prompts of the task                         (data cursor += P)
+        o_i,1..G  ← π_old(·|q_i), G completions each                   (rollout engine)
+        r_i,j     ← Σ_f w_f · reward_f(q_i, o_i,j)                     (rule-based: accuracy + format)
+        Â_i,j     ← (r_i,j − mean_j r_i,·) / (std_j r_i,· + ε)          (core.advantages.grpo)
+        log π_ref ← reference forward pass (only when β > 0)
+        repeat μ times, for each minibatch:
+            r_t = π_θ / π_old per token;  L = −min(r_t Â, clip(r_t, 1−ε, 1+ε) Â) + β·k3(π_θ‖π_ref)
+            aggregate over tokens and completions (1/G Σ_i 1/|o_i| Σ_t by default), backward,
+            clip the gradient norm, AdamW step
+        log metrics, checkpoint
+
+The objective is the article's J_GRPO (DeepSeekMath, Shao et al. 2024, eq. 3); every formula lives in
+``zerorl.core`` and is documented in docs/algorithms.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from zerorl.config import TrainConfig
+from zerorl.core import advantages as adv
+from zerorl.core.kl import kl_estimate
+from zerorl.core.losses import aggregate, policy_loss
+from zerorl.lm.batch import RolloutBatch
+from zerorl.lm.forward import batched_logprobs, completion_logprobs
+from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
+from zerorl.lm.rollout import SamplingParams
+from zerorl.lm.runtime import (
+    LMRun,
+    describe_eval,
+    finish_run,
+    make_optimizer,
+    make_scheduler,
+    restore_training_state,
+    run_evaluation,
+    save_training_state,
+    setup_lm_run,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps produced a NaN/Inf loss or gradient."""
+
+
+def compute_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+    """Outcome advantages, one per completion, from the rewards of its group of G."""
+    if config.advantage_estimator == "grpo":
+        return adv.grpo(batch.rewards, config.num_generations, scale=config.scale_rewards)
+    if config.advantage_estimator == "rloo":
+        return adv.rloo(batch.rewards, config.num_generations)
+    return adv.reinforce_pp(batch.rewards)
+
+
+def grpo_loss(model, micro: RolloutBatch, config: TrainConfig, on_policy: bool) -> tuple[torch.Tensor, dict]:
+    """The per-token GRPO loss of one micro-batch (to minimize), and its metrics."""
+    logprobs, entropy = completion_logprobs(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                            micro.completion_mask, temperature=config.temperature,
+                                            with_entropy=True)
+    mask = micro.completion_mask
+    # With μ = 1 and one minibatch the policy has not moved since sampling: π_old = π_θ, and using the
+    # detached log-probs makes the ratio exactly 1 (no numerical drift between the sampler and trainer).
+    old_logprobs = logprobs.detach() if on_policy else micro.old_logprobs
+    loss, metrics = policy_loss(logprobs, old_logprobs, micro.advantages, mask,
+                                clip_eps_low=config.epsilon, clip_eps_high=config.epsilon_high,
+                                loss_agg_mode=config.loss_agg_mode, norm=config.max_completion_length)
+    if config.beta > 0:
+        # β·D_KL(π_θ‖π_ref) with the k3 estimator, aggregated like the surrogate (the article's J_GRPO).
+        kl = kl_estimate(logprobs, micro.ref_logprobs, config.kl_estimator)
+        kl_term = aggregate(kl, mask, config.loss_agg_mode, norm=config.max_completion_length)
+        loss = loss + config.beta * kl_term
+        metrics["kl"] = aggregate(kl.detach(), mask, "token-mean")
+    metrics["entropy"] = aggregate(entropy, mask, "token-mean")
+    return loss, metrics
+
+
+def _share(micro: RolloutBatch, minibatch: RolloutBatch, mode: str) -> float:
+    """Weight of a micro-batch's loss so that accumulated gradients equal the minibatch's gradient."""
+    if mode == "token-mean":
+        return micro.completion_mask.sum().item() / max(1.0, minibatch.completion_mask.sum().item())
+    return len(micro) / len(minibatch)
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    run: LMRun = setup_lm_run(config, resume=resume)
+    model = run.model
+    model.train()
+
+    # The frozen reference π_ref of the KL penalty. Not even loaded when β = 0 (Dr. GRPO / DAPO style).
+    ref_model = None
+    if config.beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
+    modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})
+
+    start_step, data_cursor = 0, 0
+    if resume:
+        state = restore_training_state(run, modules, optimizer, scheduler)
+        if state is not None:
+            start_step, data_cursor = state["step"], state["data_cursor"]
+    from zerorl.tracking import MetricsLogger
+
+    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+
+    if config.eval_at_start and "eval_before" not in run.summary:
+        print(describe_eval("before", run_evaluation(run, "before")), flush=True)
+
+    sampling = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
+                              top_k=config.top_k, max_new_tokens=config.max_completion_length)
+    on_policy = config.num_iterations == 1 and config.num_minibatches == 1
+    nonfinite_in_a_row = 0
+    bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
+               desc=f"{config.algo} {config.task}", unit="step", disable=not config.progress)
+    for step in bar:
+        step_start = time.perf_counter()
+
+        # 1. Prompts → G completions each → rule-based rewards.
+        rows = [run.task.train_row(data_cursor + i) for i in range(config.prompts_per_step)]
+        data_cursor += config.prompts_per_step
+        prompts = render_prompts(rows, run.template, run.tokenizer)
+        batch, timings = rollout_and_score(run.engine, prompts, sampling, run.reward_set,
+                                           seed=config.seed * 1_000_003 + step)
+
+        # 2. Group-relative advantages: no critic, the group is the baseline.
+        batch.advantages = compute_advantages(batch, config)
+
+        # 3. Log-probs that stay fixed during the update: π_old (when the policy will move between
+        #    minibatches) and π_ref (for the KL penalty). No autograd.
+        train_start = time.perf_counter()
+        if not on_policy:
+            batch.old_logprobs = batched_logprobs(model, batch, config.micro_batch_size, config.temperature)
+        if ref_model is not None:
+            batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature)
+
+        # 4. μ passes of minibatch updates.
+        shuffle_gen = torch.Generator().manual_seed(config.seed * 7_919 + step)
+        step_metrics: dict[str, list[float]] = {}
+        grad_norms = []
+        skipped = 0
+        minibatch_size = -(-len(batch) // config.num_minibatches)
+        for _ in range(config.num_iterations):
+            order = torch.randperm(len(batch), generator=shuffle_gen) if config.num_minibatches > 1 \
+                else torch.arange(len(batch))
+            for mb_start in range(0, len(batch), minibatch_size):
+                minibatch = batch.select(order[mb_start:mb_start + minibatch_size])
+                optimizer.zero_grad(set_to_none=True)
+                for micro in minibatch.micro_batches(config.micro_batch_size):
+                    loss, metrics = grpo_loss(model, micro, config, on_policy)
+                    (loss * _share(micro, minibatch, config.loss_agg_mode)).backward()
+                    metrics["loss"] = loss.detach()
+                    for key, value in metrics.items():
+                        step_metrics.setdefault(key, []).append(float(value))
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    # A NaN/Inf gradient would destroy the weights (and Adam's moments): skip the update.
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                optimizer.step()
+                grad_norms.append(grad_norm.item())
+        scheduler.step()
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+        if nonfinite_in_a_row >= 3:
+            raise NonFiniteLossError(
+                f"step {step}: the loss or gradient was NaN/Inf for {nonfinite_in_a_row} steps in a row. "
+                "Likely causes: a learning rate too high for this model, bf16 overflow (try dtype=float32), "
+                "or a reward function returning NaN/Inf. The last good checkpoint is in "
+                f"{run.checkpoint_root}.")
+
+        # 5. Refresh the reference model every N steps (optional; DeepSeek-R1 style long runs).
+        if ref_model is not None and config.ref_model_sync_steps and (step + 1) % config.ref_model_sync_steps == 0:
+            ref_model.load_state_dict(model.state_dict())
+
+        # 6. Metrics, checkpoint.
+        train_seconds = time.perf_counter() - train_start
+        step_time = time.perf_counter() - step_start
+        row = {"step": step + 1, **completion_metrics(batch), **timings}
+        row.update({key: sum(vals) / len(vals) for key, vals in step_metrics.items()})
+        row.update({
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "nonfinite_skipped": skipped,
+            "time/train": train_seconds,
+            "step_time": step_time,
+            "tokens_per_second": row["num_tokens"] / max(1e-9, timings["time/generate"]),
+            "data_cursor": data_cursor,
+        })
+        run.logger.log(row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0.0):.3f}",
+                        len=f"{row['completions/mean_length']:.0f}")
+        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.max_steps:
+            save_training_state(run, step + 1, data_cursor, modules, optimizer, scheduler)
+    bar.close()
+
+    save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler)
+    if config.eval_at_end:
+        print(describe_eval("after", run_evaluation(run, "after")), flush=True)
+    return finish_run(run)

@@ -1,0 +1,255 @@
+"""What every LM trainer needs around its algorithm: device, model, task, rewards, optimizer,
+checkpoints, evaluation and the run directory. Trainers (grpo.py, ppo.py, trpo.py) stay recipes.
+
+Run directory layout::
+
+    DIR/config.yaml        the resolved config (``--resume`` reads it back)
+    DIR/metrics.jsonl      one JSON object per step
+    DIR/checkpoints/       step-NNNNNN/ (atomic, last ``save_total_limit`` kept)
+    DIR/final/             a Hugging Face model directory (safetensors + tokenizer)
+    DIR/summary.json       eval_before, eval_after, wall_seconds, ...
+    DIR/training.png       learning curves
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zerorl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from zerorl.config import ConfigError, TrainConfig, save_config
+from zerorl.lm.evaluate import evaluate
+from zerorl.lm.models import load_model_and_tokenizer, save_model
+from zerorl.lm.rollout import HFRolloutEngine
+from zerorl.rewards import RewardSet, load_reward_function
+from zerorl.tasks import get_task
+from zerorl.tracking import MetricsLogger, plot_lm_run
+
+ZERORL_MODEL_INFO = "zerorl.json"  # written next to models zerorl builds: which template they expect
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA GPU is visible. Fix: device=cpu or device=auto.")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_template(config: TrainConfig, model_path: str) -> str:
+    if config.template != "auto":
+        return config.template
+    info = Path(model_path) / ZERORL_MODEL_INFO
+    if info.is_file():
+        return json.loads(info.read_text()).get("template", "r1zero")
+    return "r1zero"
+
+
+def build_reward_set(task, config: TrainConfig) -> RewardSet:
+    """The task's default rewards, or the ones named in ``reward_funcs`` (built-in name or file.py:fn)."""
+    defaults = {name: fn for name, fn, _ in task.reward_funcs()}
+    if not config.reward_funcs:
+        funcs = list(task.reward_funcs())
+    else:
+        funcs = []
+        for spec in config.reward_funcs:
+            if spec in defaults:
+                funcs.append((spec, defaults[spec], 1.0))
+            else:
+                fn = load_reward_function(spec)
+                funcs.append((getattr(fn, "__name__", str(spec)), fn, 1.0))
+    if config.reward_weights:
+        funcs = [(name, fn, float(w)) for (name, fn, _), w in zip(funcs, config.reward_weights)]
+    return RewardSet(funcs, error_policy=config.reward_errors)
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """Linear warm-up, then constant, linear decay to 0, or cosine decay to 0."""
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class LMRun:
+    """The state a trainer carries: built once by ``setup_lm_run``."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    task: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    template: str
+    engine: HFRolloutEngine
+    reward_set: RewardSet
+    eval_rows: list[dict]
+    logger: MetricsLogger | None = None
+    start_time: float = field(default_factory=time.perf_counter)
+    wall_seconds_before: float = 0.0  # wall time of earlier segments of a resumed run
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def setup_lm_run(config: TrainConfig, resume: bool = False) -> LMRun:
+    """Validate, seed, build task/model/rewards; everything that can fail on bad input fails here."""
+    config.validate()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    task = get_task(config.task, seed=config.seed, **config.task_args)
+    eval_rows = task.eval_rows(config.num_eval)
+
+    model_path = config.model
+    if model_path is None:
+        from zerorl.lm.sft import ensure_base_model
+
+        model_path = str(ensure_base_model(task_name=config.task, cache_dir=config.cache_dir))
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=config.dtype, device=str(device))
+    template = resolve_template(config, model_path)
+    reward_set = build_reward_set(task, config)
+    _check_prompt_lengths(task, eval_rows, template, tokenizer, model, config)
+
+    run_dir = Path(config.output_dir)
+    if run_dir.exists() and not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
+        raise ConfigError(f"output_dir {str(run_dir)!r} already holds a run with checkpoints. "
+                          "Fix: pass --resume to continue it, or choose another --output-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    engine = HFRolloutEngine(model, tokenizer)
+    return LMRun(config=config, run_dir=run_dir, device=device, task=task, model=model, tokenizer=tokenizer,
+                 template=template, engine=engine, reward_set=reward_set, eval_rows=eval_rows)
+
+
+def _check_prompt_lengths(task, eval_rows, template, tokenizer, model, config: TrainConfig) -> None:
+    """Refuse prompts that cannot fit the model's context together with the completion budget."""
+    from zerorl.tasks.templates import format_prompt
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    sample = eval_rows[:64] + [task.train_row(i) for i in range(64)]
+    longest = max(len(tokenizer(format_prompt(row, template, tokenizer))["input_ids"]) for row in sample)
+    if longest + config.max_completion_length > limit:
+        raise ConfigError(
+            f"prompts of up to {longest} tokens plus max_completion_length={config.max_completion_length} "
+            f"exceed the model's context of {limit} tokens (template={template!r}). Fix: lower "
+            "max_completion_length, use a shorter template (template=compact), or a model with a longer context.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def save_training_state(run: LMRun, step: int, data_cursor: int, modules: dict[str, torch.nn.Module],
+                        optimizer, scheduler, extra: dict | None = None) -> Path:
+    tensors = {name: module.state_dict() for name, module in modules.items()}
+    tensors["optimizer"] = optimizer.state_dict() if optimizer is not None else {}
+    tensors["scheduler"] = scheduler.state_dict() if scheduler is not None else {}
+    tensors["rng"] = rng_state()
+    state = {"step": step, "data_cursor": data_cursor,
+             "wall_seconds": run.wall_seconds_before + time.perf_counter() - run.start_time,
+             "summary": run.summary, **(extra or {})}
+    return save_checkpoint(run.checkpoint_root, step, tensors, state, keep=run.config.save_total_limit)
+
+
+def restore_training_state(run: LMRun, modules: dict[str, torch.nn.Module], optimizer, scheduler
+                           ) -> dict[str, Any] | None:
+    """Load the newest checkpoint into modules/optimizer/scheduler/RNG; None when there is none."""
+    path = latest_checkpoint(run.checkpoint_root)
+    if path is None:
+        return None
+    tensors, state = load_checkpoint(path)
+    for name, module in modules.items():
+        module.load_state_dict(tensors[name])
+    if optimizer is not None and tensors.get("optimizer"):
+        optimizer.load_state_dict(tensors["optimizer"])
+    if scheduler is not None and tensors.get("scheduler"):
+        scheduler.load_state_dict(tensors["scheduler"])
+    set_rng_state(tensors["rng"])
+    run.wall_seconds_before = state.get("wall_seconds", 0.0)
+    run.summary = state.get("summary", {})
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and the end of a run
+# ---------------------------------------------------------------------------------------------
+
+def run_evaluation(run: LMRun, label: str) -> dict:
+    from tqdm.auto import tqdm
+
+    config = run.config
+    with tqdm(total=len(run.eval_rows), desc=f"eval ({label})", unit="prompt", leave=False,
+              disable=not config.progress) as bar:
+        result = evaluate(run.engine, run.tokenizer, run.eval_rows, run.template, run.reward_set,
+                          temperature=config.temperature, samples_per_prompt=config.eval_samples_per_prompt,
+                          max_new_tokens=config.max_completion_length, seed=config.seed + 7919,
+                          progress=bar)
+    run.summary[f"eval_{label}"] = result
+    return result
+
+
+def describe_eval(label: str, result: dict) -> str:
+    lo_g, hi_g = result["accuracy_greedy_ci95"]
+    lo_s, hi_s = result["accuracy_sampled_ci95"]
+    return (f"[{label}] n={result['n']}  greedy {100 * result['accuracy_greedy']:.1f}% "
+            f"[{100 * lo_g:.1f}, {100 * hi_g:.1f}]  sampled(T={result['temperature']}) "
+            f"{100 * result['accuracy_sampled']:.1f}% [{100 * lo_s:.1f}, {100 * hi_s:.1f}]  "
+            f"format {100 * result['format_rate']:.1f}%")
+
+
+def finish_run(run: LMRun, extra: dict | None = None) -> dict:
+    """Save final/, summary.json and plots; return the summary."""
+    save_model(run.model, run.tokenizer, run.run_dir / "final")
+    info = {"template": run.template, "task": run.config.task}
+    (run.run_dir / "final" / ZERORL_MODEL_INFO).write_text(json.dumps(info))
+    summary = dict(run.summary)
+    summary.update(extra or {})
+    summary["wall_seconds"] = run.wall_seconds_before + time.perf_counter() - run.start_time
+    summary["algo"] = run.config.algo
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    if before and after:
+        summary["delta_accuracy_sampled"] = after["accuracy_sampled"] - before["accuracy_sampled"]
+        summary["delta_accuracy_greedy"] = after["accuracy_greedy"] - before["accuracy_greedy"]
+    tmp = run.run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run.run_dir / "summary.json")
+    if run.config.plots:
+        plot_lm_run(run.run_dir, summary)
+    return summary
