@@ -364,3 +364,30 @@ def test_chat_template_with_a_local_tokenizer():
         format_prompt(row, "chat")
     with pytest.raises(ValueError, match="has no chat_template"):
         format_prompt(row, "chat", _tiny_chat_tokenizer(None))
+
+
+def test_carry_slips_forget_every_carry_and_only_where_there_is_one():
+    from zerorl.rewards import extract_answer
+    from zerorl.tasks.arithmetic import addition_trace, subtraction_trace
+
+    # Written out: 37+48 forgets the carry of 7+8=15 → 3+4=7 → 75; 85-37 never pays the borrow → 58.
+    assert addition_trace(37, 48, forget_carry=True) == ("7+8=15 3+4=7", 75)
+    assert subtraction_trace(85, 37, forget_carry=True) == ("15-7=8 8-3=5", 58)
+    assert addition_trace(98, 42, forget_carry=True) == ("8+2=10 9+4=13", 130)  # the last carry-out stays
+    task = get_task("arithmetic", seed=0, slip_kind="carry")
+    rng = random.Random(0)
+    wrong_with_carry, with_carry, wrong_without = 0, 0, 0
+    for index in range(2000):
+        row = task.train_row(index)
+        completion = task.cold_start_completion(row, rng, error_rate=0.7)
+        correct = extract_answer(completion) == row["answer"]
+        # A problem has a carry (borrow) exactly when forgetting it changes the trace.
+        has_carry = task.cold_start_completion(row, random.Random(1), error_rate=0.0) != \
+            task.cold_start_completion(row, random.Random(1), error_rate=1.0)
+        with_carry += has_carry
+        wrong_with_carry += has_carry and not correct
+        wrong_without += (not has_carry) and not correct
+    assert wrong_without == 0
+    assert 0.65 < wrong_with_carry / with_carry < 0.75
+    with pytest.raises(ValueError, match="slip_kind"):
+        get_task("arithmetic", slip_kind="typo")

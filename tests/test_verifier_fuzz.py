@@ -124,10 +124,13 @@ def nothing_may_run():
 
 
 def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: on a shared 2-core machine a busy neighbour can stretch
+    # the wall clock of a 0.3 s call past 1 s, and that says nothing about the verifier. (The wall-clock
+    # maximum over 10,000 inputs per verifier is measured in benchmarks/reliability.py.)
+    start = time.process_time()
     result = fn(*args, **kwargs)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"{fn.__name__} took {elapsed:.2f} s"
+    elapsed = time.process_time() - start
+    assert elapsed < 1.0, f"{fn.__name__} took {elapsed:.2f} s of CPU"
     return result
 
 
@@ -187,7 +190,8 @@ def test_countdown_checks_well_formed_expressions_fast(expression):
     assert isinstance(verdict.correct, bool)
 
 
-_ARITHMETIC_ONLY = re.compile(r"[0-9.\s+\-*/^()\u00d7\u00f7]*")
+# \d, not [0-9]: unicode digits such as "２" or "٣" do reach sympy, and they cannot form code either.
+_ARITHMETIC_ONLY = re.compile(r"[\d.\s+\-*/^()\u00d7\u00f7]*")
 
 
 @FUZZ

@@ -136,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Bad input a person can fix (exit code 2): config values, data rows, model paths, reward specs."""
+    from zerorl.rewards.loading import RewardLoadError
+    from zerorl.tasks.user_data import DataFormatError
+
+    return ConfigError, FileNotFoundError, DataFormatError, RewardLoadError
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    """A run stopped for a reason its message explains (exit code 1): no traceback needed."""
+    from zerorl.rewards.isolation import RewardTimeoutError
+    from zerorl.rewards.reward_set import RewardFunctionError
+
+    errors: list[type[Exception]] = [RewardFunctionError, RewardTimeoutError]
+    if "zerorl.lm.runtime" in sys.modules:  # loaded by every LM trainer; not imported here (torch)
+        errors.append(sys.modules["zerorl.lm.runtime"].NonFiniteLossError)
+    if "zerorl.checkpoint" in sys.modules:
+        errors.append(sys.modules["zerorl.checkpoint"].CheckpointError)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "classic":
@@ -147,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval}[args.command](args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"zerorl {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if isinstance(err, _input_errors()):
+            print(f"zerorl {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, _run_errors()):
+            print(f"zerorl {args.command}: stopped: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

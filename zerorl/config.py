@@ -88,6 +88,32 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     cache_dir: str | None = None  # where the embedded base model is cached; None = ~/.cache/zerorl
 
+    # --- PPO / TRPO (issue 6) ------------------------------------------------------------------
+    # TRL PPOConfig names where one exists. PPO and TRPO also read beta (KL to π_ref), epsilon,
+    # num_iterations, num_minibatches, micro_batch_size, learning_rate (policy) from above.
+    gamma: float = 1.0  # GAE discount over tokens
+    lam: float = 1.0  # GAE λ; 1 = Monte Carlo return minus V (Open-Reasoner-Zero: γ = λ = 1 for outcome rewards)
+    vf_coef: float = 0.1  # weight of the value loss (PPO's L = L_π + vf_coef · L_V)
+    cliprange_value: float | None = 0.2  # value clipping around the rollout values; None = off
+    whiten_advantages: bool = True  # normalize token advantages over the batch's valid tokens
+    kl_in_reward: bool = True  # True: −β·KL per token in the reward (RLHF); False: β·k3 in the loss (GRPO)
+    critic: str = "separate"  # separate (a copy of the policy + scalar head) | value_head (on the policy)
+    critic_learning_rate: float | None = None  # None = learning_rate
+    reward_model: str | None = None  # HF sequence-classification model directory; scores prompt+completion
+    max_kl: float = 0.001  # TRPO δ: mean KL(π_old ‖ π_θ) per token (0.01, the classic value, is too far for an LM)
+    cg_iters: int = 10  # TRPO conjugate-gradient iterations
+    cg_damping: float = 0.1  # TRPO damping of the Fisher matrix
+    max_backtracks: int = 10  # TRPO line-search halvings
+    trpo_value_steps: int = 4  # critic Adam steps per TRPO iteration (minibatches of the rollout batch)
+    fisher_subsample: int = 8  # TRPO: Fisher-vector products on every k-th completion (baselines: 5)
+    lora_rank: int = 0  # >0: PPO/TRPO train LoRA adapters of this rank only; 0 = all parameters
+    lora_alpha: float = 16.0  # LoRA scale α / rank
+
+    # --- reliability (issue 5) -----------------------------------------------------------------
+    max_nonfinite_steps: int = 3  # abort after this many steps in a row whose loss or gradient was NaN/Inf
+    reward_timeout_s: float | None = None  # >0: user reward functions (file.py:fn) run in worker processes
+    #                                        with this per-call timeout; None = called in-process
+
     def validate(self) -> TrainConfig:
         _check_choice("algo", self.algo, ("grpo", "ppo", "trpo"))
         _check_choice("template", self.template, ("auto", "compact", "r1zero", "chat", "plain"))
@@ -129,6 +155,35 @@ class TrainConfig:
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "
                 f"{len(self.reward_funcs)}. Fix: give one weight per reward function, or none (all 1.0).")
+        # --- PPO / TRPO (issue 6) ---
+        _check_choice("critic", self.critic, ("separate", "value_head"))
+        _check("gamma", self.gamma, 0 < self.gamma <= 1, "the GAE discount must lie in (0, 1], e.g. 1.0")
+        _check("lam", self.lam, 0 <= self.lam <= 1, "GAE λ must lie in [0, 1], e.g. 0.95")
+        _check("vf_coef", self.vf_coef, self.vf_coef > 0, "must be > 0, e.g. 0.1")
+        if self.cliprange_value is not None:
+            _check("cliprange_value", self.cliprange_value, self.cliprange_value > 0, "must be > 0, or None (off)")
+        if self.critic_learning_rate is not None:
+            _check("critic_learning_rate", self.critic_learning_rate, self.critic_learning_rate > 0,
+                   "must be > 0, or None (= learning_rate)")
+        _check("max_kl", self.max_kl, self.max_kl > 0, "TRPO's δ must be > 0, e.g. 0.01")
+        _check("cg_iters", self.cg_iters, self.cg_iters >= 1, "must be ≥ 1, e.g. 10")
+        _check("cg_damping", self.cg_damping, self.cg_damping >= 0, "must be ≥ 0, e.g. 0.1")
+        _check("max_backtracks", self.max_backtracks, self.max_backtracks >= 1, "must be ≥ 1, e.g. 10")
+        _check("trpo_value_steps", self.trpo_value_steps, self.trpo_value_steps >= 0, "must be ≥ 0")
+        _check("fisher_subsample", self.fisher_subsample, self.fisher_subsample >= 1,
+               "must be ≥ 1 (1 = every completion, 5 = every 5th)")
+        _check("lora_rank", self.lora_rank, self.lora_rank >= 0, "must be ≥ 0 (0 = train all parameters)")
+        _check("lora_alpha", self.lora_alpha, self.lora_alpha > 0, "must be > 0, e.g. 16")
+        if self.reward_model is not None and not (Path(self.reward_model) / "config.json").is_file():
+            raise ConfigError(f"reward_model={self.reward_model!r} is not a Hugging Face model directory "
+                              "(no config.json there). Fix: pass the directory of a sequence-classification "
+                              "model (num_labels=1), or reward_model=None to use the reward functions.")
+        # --- reliability (issue 5) ---
+        _check("max_nonfinite_steps", self.max_nonfinite_steps, self.max_nonfinite_steps >= 1,
+               "must be ≥ 1, e.g. 3 (steps in a row with a NaN/Inf loss before the run aborts)")
+        if self.reward_timeout_s is not None:
+            _check("reward_timeout_s", self.reward_timeout_s, self.reward_timeout_s > 0,
+                   "must be > 0 seconds, e.g. 30, or None to call reward functions in-process")
         return self
 
     @property

@@ -34,19 +34,17 @@ from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_s
 from zerorl.lm.rollout import SamplingParams
 from zerorl.lm.runtime import (
     LMRun,
+    NonFiniteLossError,
     describe_eval,
     finish_run,
     make_optimizer,
     make_scheduler,
+    nonfinite_abort_message,
     restore_training_state,
     run_evaluation,
     save_training_state,
     setup_lm_run,
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps produced a NaN/Inf loss or gradient."""
 
 
 def compute_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
@@ -101,22 +99,24 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})
 
-    start_step, data_cursor = 0, 0
+    start_step, data_cursor, nonfinite_in_a_row = 0, 0, 0
     if resume:
         state = restore_training_state(run, modules, optimizer, scheduler)
         if state is not None:
             start_step, data_cursor = state["step"], state["data_cursor"]
+            nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
     from zerorl.tracking import MetricsLogger
 
     run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
 
     if config.eval_at_start and "eval_before" not in run.summary:
         print(describe_eval("before", run_evaluation(run, "before")), flush=True)
+        if config.save_steps:  # a step-0 checkpoint keeps the (possibly long) evaluation across a kill
+            save_training_state(run, 0, data_cursor, modules, optimizer, scheduler)
 
     sampling = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
                               top_k=config.top_k, max_new_tokens=config.max_completion_length)
     on_policy = config.num_iterations == 1 and config.num_minibatches == 1
-    nonfinite_in_a_row = 0
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc=f"{config.algo} {config.task}", unit="step", disable=not config.progress)
     for step in bar:
@@ -126,6 +126,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         rows = [run.task.train_row(data_cursor + i) for i in range(config.prompts_per_step)]
         data_cursor += config.prompts_per_step
         prompts = render_prompts(rows, run.template, run.tokenizer)
+        errors_before = dict(run.reward_set.error_counts)  # samples scored 0.0 under reward_errors=zero
         batch, timings = rollout_and_score(run.engine, prompts, sampling, run.reward_set,
                                            seed=config.seed * 1_000_003 + step)
 
@@ -152,15 +153,17 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             for mb_start in range(0, len(batch), minibatch_size):
                 minibatch = batch.select(order[mb_start:mb_start + minibatch_size])
                 optimizer.zero_grad(set_to_none=True)
+                loss_is_finite = True
                 for micro in minibatch.micro_batches(config.micro_batch_size):
                     loss, metrics = grpo_loss(model, micro, config, on_policy)
                     (loss * _share(micro, minibatch, config.loss_agg_mode)).backward()
+                    loss_is_finite = loss_is_finite and bool(torch.isfinite(loss))
                     metrics["loss"] = loss.detach()
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    # A NaN/Inf gradient would destroy the weights (and Adam's moments): skip the update.
+                if not (loss_is_finite and torch.isfinite(grad_norm)):
+                    # A NaN/Inf would destroy the weights (and Adam's moments): skip the update, count it.
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
@@ -168,12 +171,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 grad_norms.append(grad_norm.item())
         scheduler.step()
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
-        if nonfinite_in_a_row >= 3:
-            raise NonFiniteLossError(
-                f"step {step}: the loss or gradient was NaN/Inf for {nonfinite_in_a_row} steps in a row. "
-                "Likely causes: a learning rate too high for this model, bf16 overflow (try dtype=float32), "
-                "or a reward function returning NaN/Inf. The last good checkpoint is in "
-                f"{run.checkpoint_root}.")
+        if skipped:
+            tqdm.write(f"warning: step {step + 1}: NaN/Inf loss or gradient, {skipped} update(s) skipped "
+                       f"({nonfinite_in_a_row} step(s) in a row; the run stops at {config.max_nonfinite_steps})")
 
         # 5. Refresh the reference model every N steps (optional; DeepSeek-R1 style long runs).
         if ref_model is not None and config.ref_model_sync_steps and (step + 1) % config.ref_model_sync_steps == 0:
@@ -193,14 +193,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             "tokens_per_second": row["num_tokens"] / max(1e-9, timings["time/generate"]),
             "data_cursor": data_cursor,
         })
+        row.update({f"rewards/{name}/errors": count - errors_before[name]
+                    for name, count in run.reward_set.error_counts.items()})
         run.logger.log(row)
+        if nonfinite_in_a_row >= config.max_nonfinite_steps:
+            raise NonFiniteLossError(nonfinite_abort_message(step + 1, nonfinite_in_a_row, run.checkpoint_root))
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0.0):.3f}",
                         len=f"{row['completions/mean_length']:.0f}")
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.max_steps:
-            save_training_state(run, step + 1, data_cursor, modules, optimizer, scheduler)
+            save_training_state(run, step + 1, data_cursor, modules, optimizer, scheduler,
+                                extra={"nonfinite_in_a_row": nonfinite_in_a_row})
     bar.close()
 
-    save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler)
+    if start_step < config.max_steps:  # else a resume after the last checkpoint: it is already on disk
+        save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler,
+                            extra={"nonfinite_in_a_row": nonfinite_in_a_row})
     if config.eval_at_end:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
     return finish_run(run)

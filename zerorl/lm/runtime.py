@@ -13,10 +13,13 @@ Run directory layout::
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +27,28 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from zerorl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from zerorl.config import ConfigError, TrainConfig, save_config
+from zerorl.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from zerorl.config import ConfigError, TrainConfig, config_to_dict
 from zerorl.lm.evaluate import evaluate
 from zerorl.lm.models import load_model_and_tokenizer, save_model
 from zerorl.lm.rollout import HFRolloutEngine
-from zerorl.rewards import RewardSet, load_reward_function
-from zerorl.tasks import get_task
+from zerorl.rewards import BUILTIN_REWARDS, ProcessRewardFunction, RewardSet, load_reward_function
+from zerorl.tasks import TASKS, get_task
 from zerorl.tracking import MetricsLogger, plot_lm_run
 
 ZERORL_MODEL_INFO = "zerorl.json"  # written next to models zerorl builds: which template they expect
+EMBEDDED_BASE_TASKS = ("arithmetic", "countdown")  # tasks `zerorl sft` can build a base model for
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,18 +76,27 @@ def resolve_template(config: TrainConfig, model_path: str) -> str:
 
 
 def build_reward_set(task, config: TrainConfig) -> RewardSet:
-    """The task's default rewards, or the ones named in ``reward_funcs`` (built-in name or file.py:fn)."""
+    """The task's default rewards, or the ones named in ``reward_funcs``: a task reward's name, a built-in
+    verifier's name, or a user function "file.py:fn" / "module:fn". User functions are untrusted code:
+    with ``reward_timeout_s`` each runs in its own worker process (``ProcessRewardFunction``), so a hang
+    or a crash inside it is reported with its name instead of freezing or killing the trainer."""
     defaults = {name: fn for name, fn, _ in task.reward_funcs()}
     if not config.reward_funcs:
         funcs = list(task.reward_funcs())
     else:
         funcs = []
         for spec in config.reward_funcs:
+            spec = str(spec)
             if spec in defaults:
                 funcs.append((spec, defaults[spec], 1.0))
+            elif spec in BUILTIN_REWARDS:
+                funcs.append((spec, BUILTIN_REWARDS[spec], 1.0))
+            elif config.reward_timeout_s is not None:
+                name = spec.rpartition(":")[2]
+                funcs.append((name, ProcessRewardFunction(spec, config.reward_timeout_s, name=name), 1.0))
             else:
                 fn = load_reward_function(spec)
-                funcs.append((getattr(fn, "__name__", str(spec)), fn, 1.0))
+                funcs.append((getattr(fn, "__name__", spec), fn, 1.0))
     if config.reward_weights:
         funcs = [(name, fn, float(w)) for (name, fn, _), w in zip(funcs, config.reward_weights)]
     return RewardSet(funcs, error_policy=config.reward_errors)
@@ -126,14 +149,29 @@ class LMRun:
 
 
 def setup_lm_run(config: TrainConfig, resume: bool = False) -> LMRun:
-    """Validate, seed, build task/model/rewards; everything that can fail on bad input fails here."""
+    """Validate, seed, build task/model/rewards; everything that can fail on bad input fails here.
+
+    Cheapest checks first (config values, the run directory, the task and its data), so that a typo is
+    reported in a second, before a model is loaded or the embedded base model is built."""
     config.validate()
+    run_dir = Path(config.output_dir)
+    if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
+        raise ConfigError(f"output_dir={str(run_dir)!r} already holds a run with checkpoints. "
+                          "Fix: pass --resume to continue it, or choose another --output-dir.")
+    _check_task_name(config)
+    if config.model is None and config.task not in EMBEDDED_BASE_TASKS:
+        raise ConfigError(f"model=None with task={config.task!r}: the embedded base model exists only for "
+                          f"{' and '.join(EMBEDDED_BASE_TASKS)}. Fix: pass --model with a Hugging Face model "
+                          "directory or hub id (e.g. --model Qwen/Qwen2.5-0.5B-Instruct).")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    task = get_task(config.task, seed=config.seed, **config.task_args)
-    eval_rows = task.eval_rows(config.num_eval)
+    task = build_task(config)
+    try:
+        eval_rows = task.eval_rows(config.num_eval)
+    except ValueError as error:
+        raise ConfigError(f"num_eval={config.num_eval}: {error}. Fix: lower num_eval.") from error
 
     model_path = config.model
     if model_path is None:
@@ -145,15 +183,34 @@ def setup_lm_run(config: TrainConfig, resume: bool = False) -> LMRun:
     reward_set = build_reward_set(task, config)
     _check_prompt_lengths(task, eval_rows, template, tokenizer, model, config)
 
-    run_dir = Path(config.output_dir)
-    if run_dir.exists() and not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
-        raise ConfigError(f"output_dir {str(run_dir)!r} already holds a run with checkpoints. "
-                          "Fix: pass --resume to continue it, or choose another --output-dir.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    # Atomic: `--resume` reads this file back, and a kill while it is written must not leave it empty.
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     engine = HFRolloutEngine(model, tokenizer)
     return LMRun(config=config, run_dir=run_dir, device=device, task=task, model=model, tokenizer=tokenizer,
                  template=template, engine=engine, reward_set=reward_set, eval_rows=eval_rows)
+
+
+def _check_task_name(config: TrainConfig) -> None:
+    if config.task not in TASKS:
+        raise ConfigError(f"task={config.task!r} is not a known task. Fix: set task to one of "
+                          f"{', '.join(sorted(TASKS))} (user data: task=jsonl task_args={{path: data.jsonl}}).")
+
+
+def build_task(config: TrainConfig):
+    """The task named by ``config.task``; its own errors (bad settings, bad data) name ``task_args``."""
+    _check_task_name(config)
+    task_args = dict(config.task_args)
+    accepted = inspect.signature(TASKS[config.task]).parameters
+    if config.reward_timeout_s is not None and "reward_timeout_s" in accepted and "reward_timeout_s" not in task_args:
+        task_args["reward_timeout_s"] = config.reward_timeout_s  # the data's own reward specs are isolated too
+    try:
+        return get_task(config.task, seed=config.seed, **task_args)
+    except (ValueError, TypeError) as error:
+        if type(error) not in (ValueError, TypeError):
+            raise  # DataFormatError and friends already name the file, line, column and fix
+        raise ConfigError(f"task={config.task!r} with task_args={config.task_args!r}: {error}. "
+                          "Fix: change task_args as the message says.") from error
 
 
 def _check_prompt_lengths(task, eval_rows, template, tokenizer, model, config: TrainConfig) -> None:
@@ -170,6 +227,19 @@ def _check_prompt_lengths(task, eval_rows, template, tokenizer, model, config: T
             f"prompts of up to {longest} tokens plus max_completion_length={config.max_completion_length} "
             f"exceed the model's context of {limit} tokens (template={template!r}). Fix: lower "
             "max_completion_length, use a shorter template (template=compact), or a model with a longer context.")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps produced a NaN/Inf loss or gradient."""
+
+
+def nonfinite_abort_message(step: int, in_a_row: int, checkpoint_root) -> str:
+    """Why the run stopped and what to try; shared by the LM trainers."""
+    return (f"step {step}: the loss or gradient was NaN/Inf for {in_a_row} steps in a row (each update was "
+            "skipped; max_nonfinite_steps sets the limit). Likely causes: a learning rate too high for this "
+            "model (lower learning_rate, e.g. by 10x), bf16 overflow (try dtype=float32), or a base model that "
+            "already holds NaN/Inf weights (check --model). The last good checkpoint is in "
+            f"{checkpoint_root}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,11 +260,23 @@ def save_training_state(run: LMRun, step: int, data_cursor: int, modules: dict[s
 
 def restore_training_state(run: LMRun, modules: dict[str, torch.nn.Module], optimizer, scheduler
                            ) -> dict[str, Any] | None:
-    """Load the newest checkpoint into modules/optimizer/scheduler/RNG; None when there is none."""
-    path = latest_checkpoint(run.checkpoint_root)
-    if path is None:
-        return None
-    tensors, state = load_checkpoint(path)
+    """Load the newest loadable checkpoint into modules/optimizer/scheduler/RNG; None when there is none.
+
+    A damaged newest checkpoint (a disk filled up, a file truncated by hand) is reported and the one
+    before it used: losing ``save_steps`` of work beats refusing to resume."""
+    candidates = (latest_checkpoint(run.checkpoint_root), *reversed(list_checkpoints(run.checkpoint_root)[:-1]))
+    for path in candidates:
+        if path is None:
+            return None
+        try:
+            tensors, state = load_checkpoint(path)
+        except CheckpointError as error:
+            print(f"warning: {error} Trying the previous checkpoint.", file=sys.stderr, flush=True)
+            continue
+        break
+    else:
+        raise CheckpointError(f"no loadable checkpoint in {str(run.checkpoint_root)!r}. "
+                              "Fix: start the run again without --resume in a fresh --output-dir.")
     for name, module in modules.items():
         module.load_state_dict(tensors[name])
     if optimizer is not None and tensors.get("optimizer"):
@@ -234,9 +316,19 @@ def describe_eval(label: str, result: dict) -> str:
             f"format {100 * result['format_rate']:.1f}%")
 
 
+def close_reward_workers(run: LMRun) -> None:
+    """Stop the worker processes of isolated reward functions (they also exit when the trainer dies)."""
+    for _, fn, _ in run.reward_set.funcs:
+        if isinstance(fn, ProcessRewardFunction):
+            fn.close()
+
+
 def finish_run(run: LMRun, extra: dict | None = None) -> dict:
     """Save final/, summary.json and plots; return the summary."""
+    close_reward_workers(run)
     save_model(run.model, run.tokenizer, run.run_dir / "final")
+    for leftover in run.run_dir.glob(".final.tmp-*"):  # a save_model killed mid-write in an earlier segment
+        shutil.rmtree(leftover, ignore_errors=True)
     info = {"template": run.template, "task": run.config.task}
     (run.run_dir / "final" / ZERORL_MODEL_INFO).write_text(json.dumps(info))
     summary = dict(run.summary)

@@ -176,10 +176,27 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
     return output_dir
 
 
+# The embedded recipes. For arithmetic the cold-start traces forget the carry (borrow) 70% of the
+# time: a systematic mistake, not noise, so the SFT model inherits a real misconception (its greedy
+# answer to a carry problem is usually wrong) that verifiable rewards can teach it out of.
+DEFAULT_RECIPES: dict[str, dict] = {
+    "arithmetic": {"task_args": {"slip_kind": "carry"}, "error_rate": 0.7},
+    "countdown": {"task_args": {}, "error_rate": 0.3},
+}
+
+
+def default_sft_config(task_name: str) -> SFTConfig:
+    if task_name not in DEFAULT_RECIPES:
+        raise ConfigError(
+            f"there is no embedded base model for task {task_name!r} (only for {', '.join(DEFAULT_RECIPES)}). "
+            "Fix: pass --model with a Hugging Face model directory or hub id.")
+    return SFTConfig(task=task_name, **DEFAULT_RECIPES[task_name])
+
+
 def ensure_base_model(task_name: str = "arithmetic", cache_dir: str | Path | None = None,
                       config: SFTConfig | None = None) -> Path:
     """The cached cold-start model for ``task_name``; built (minutes on a CPU) on first use."""
-    config = config or SFTConfig(task=task_name)
+    config = config or default_sft_config(task_name)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = root / f"base-{config.task}-{config.recipe_hash()}"
     if (path / "config.json").is_file():

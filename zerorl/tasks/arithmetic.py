@@ -40,9 +40,11 @@ def _slip_delta(value: int, low: int, high: int, rng: random.Random) -> int:
     return -delta if not low <= value + delta <= high else delta
 
 
-def addition_trace(a: int, b: int, slip: tuple[int, random.Random] | None = None) -> tuple[str, int]:
+def addition_trace(a: int, b: int, slip: tuple[int, random.Random] | None = None,
+                   forget_carry: bool = False) -> tuple[str, int]:
     """Column-wise addition; returns (trace, the answer the trace arrives at). ``slip=(column, rng)``
-    makes that column's sum off by one."""
+    makes that column's sum off by one; ``forget_carry`` drops every carry (the classic pupil's mistake:
+    ``9+4=13`` where ``9+4+1=14`` was due)."""
     width = max(len(str(a)), len(str(b)))
     top, bottom = _digits_lsb_first(a, width), _digits_lsb_first(b, width)
     steps, result, carry = [], 0, 0
@@ -52,13 +54,15 @@ def addition_trace(a: int, b: int, slip: tuple[int, random.Random] | None = None
             total += _slip_delta(total, 0, 19, slip[1])
         steps.append(f"{top[column]}+{bottom[column]}{'+1' if carry else ''}={total}")
         result += (total % 10) * 10**column
-        carry = total // 10
+        carry = 0 if forget_carry and column < width - 1 else total // 10
     return " ".join(steps), result + carry * 10**width
 
 
-def subtraction_trace(a: int, b: int, slip: tuple[int, random.Random] | None = None) -> tuple[str, int]:
+def subtraction_trace(a: int, b: int, slip: tuple[int, random.Random] | None = None,
+                      forget_carry: bool = False) -> tuple[str, int]:
     """Column-wise subtraction for ``a >= b``: a column that must borrow shows its top digit plus ten
-    (``15-7=8``) and the next column pays the borrow (``8-3-1=4``)."""
+    (``15-7=8``) and the next column pays the borrow (``8-3-1=4``). ``forget_carry`` borrows but never
+    pays the borrow back (``8-3=5``)."""
     width = len(str(a))
     top, bottom = _digits_lsb_first(a, width), _digits_lsb_first(b, width)
     steps, result, borrow = [], 0, 0
@@ -74,7 +78,7 @@ def subtraction_trace(a: int, b: int, slip: tuple[int, random.Random] | None = N
             difference += _slip_delta(difference, 0, 9, slip[1])
         steps.append(f"{top_text}-{bottom[column]}{'-1' if borrow else ''}={difference}")
         result += difference * 10**column
-        borrow = next_borrow
+        borrow = 0 if forget_carry else next_borrow
     return " ".join(steps), result
 
 
@@ -110,6 +114,7 @@ class ArithmeticTask(Task):
     allow_negative: bool = False
     num_eval: int = 500
     format_weight: float = 1.0
+    slip_kind: str = "digit"  # cold-start mistakes: "digit" (a column off by ±1) or "carry" (carries forgotten)
     name: str = field(default="arithmetic", init=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +124,8 @@ class ArithmeticTask(Task):
             )
         if not self.operators or any(op not in "+-*" for op in self.operators):
             raise ValueError(f"operators must be a non-empty string of '+', '-', '*', got {self.operators!r}")
+        if self.slip_kind not in ("digit", "carry"):
+            raise ValueError(f"slip_kind must be 'digit' or 'carry', got {self.slip_kind!r}")
         self.operators = "".join(dict.fromkeys(self.operators))  # "++-" would silently weight '+' double
         self._low = 0 if self.min_digits == 1 else 10 ** (self.min_digits - 1)
         self._high = 10**self.max_digits - 1
@@ -194,6 +201,11 @@ class ArithmeticTask(Task):
             prefix, sign, a, b = f"{a}<{b} ", "-", b, a
         trace_fn = {"+": addition_trace, "-": subtraction_trace, "*": multiplication_trace}[op]
         slip = None
+        if self.slip_kind == "carry" and op in "+-":
+            # A systematic mistake rather than noise: with probability error_rate every carry (borrow) is
+            # forgotten. Problems without a carry come out right either way.
+            trace, result = trace_fn(a, b, None, forget_carry=rng.random() < error_rate)
+            return f"<think>{prefix}{trace}</think><answer>{sign}{result}</answer>"
         if rng.random() < error_rate:
             steps = len(str(b)) if op == "*" else max(len(str(a)), len(str(b)))
             slip = (rng.randrange(steps), rng)
