@@ -176,11 +176,11 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
     return output_dir
 
 
-# The embedded recipes. For arithmetic the cold-start traces forget the carry (borrow) 70% of the
+# The embedded recipes. For arithmetic the cold-start traces forget the carry (borrow) 80% of the
 # time: a systematic mistake, not noise, so the SFT model inherits a real misconception (its greedy
 # answer to a carry problem is usually wrong) that verifiable rewards can teach it out of.
 DEFAULT_RECIPES: dict[str, dict] = {
-    "arithmetic": {"task_args": {"slip_kind": "carry"}, "error_rate": 0.7},
+    "arithmetic": {"task_args": {"slip_kind": "carry"}, "error_rate": 0.8, "steps": 1200},
     "countdown": {"task_args": {}, "error_rate": 0.3},
 }
 

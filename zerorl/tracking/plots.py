@@ -71,7 +71,8 @@ def plot_lm_run(run_dir: str | Path, summary: dict | None = None) -> Path | None
             ax.plot(steps, values, alpha=0.3, color="C0")
             ax.plot(steps, _smooth(values, window), color="C0")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
+        if key != "__eval__":
+            ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
