@@ -63,8 +63,8 @@ def plot_lm_run(run_dir: str | Path, summary: dict | None = None) -> Path | None
             ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before RL")
             ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after RL")
             ax.set_xticks(list(xs), labels)
-            ax.set_ylim(0, 1)
-            ax.legend(fontsize=8)
+            ax.set_ylim(0, 1.2)  # room above the bars for the legend
+            ax.legend(fontsize=8, loc="upper center", ncol=2)
         else:
             steps = [r["step"] for r in rows if isinstance(r.get(key), (int, float))]
             values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
