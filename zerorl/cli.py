@@ -5,6 +5,7 @@
     zerorl sft     [--task NAME] [--output-dir DIR] [key=value ...]
     zerorl eval    --model DIR [--task NAME] [key=value ...]
     zerorl classic --algo ppo|trpo --env ID [--steps N] [--seed S] [--output-dir DIR] [key=value ...]
+    zerorl compare [--algos grpo,ppo,trpo] [--output-dir DIR] [--reuse] [key=value | ALGO.key=value ...]
 
 With no arguments, ``zerorl train`` runs the embedded default: it builds (once, cached) a tiny
 cold-start model, then trains it with GRPO on procedurally generated arithmetic and reports held-out
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
 
     sub.add_parser("classic", help="PPO / TRPO on Gymnasium control tasks (zerorl classic --help)", add_help=False)
+    sub.add_parser("compare", help="GRPO vs PPO vs TRPO on one task and budget: memory, time, accuracy "
+                                   "(zerorl compare --help)", add_help=False)
     return parser
 
 
@@ -161,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "classic":
         return cmd_classic(argv[1:])
+    if argv and argv[0] == "compare":
+        from zerorl.lm.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

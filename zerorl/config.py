@@ -100,7 +100,7 @@ class TrainConfig:
     critic: str = "separate"  # separate (a copy of the policy + scalar head) | value_head (on the policy)
     critic_learning_rate: float | None = None  # None = learning_rate
     reward_model: str | None = None  # HF sequence-classification model directory; scores prompt+completion
-    max_kl: float = 0.003  # TRPO δ: mean KL(π_old ‖ π_θ) per token (0.01, the classic value, is too far for an LM)
+    max_kl: float = 0.001  # TRPO δ: mean KL(π_old ‖ π_θ) per token (0.01, the classic value, is too far for an LM)
     cg_iters: int = 10  # TRPO conjugate-gradient iterations
     cg_damping: float = 0.1  # TRPO damping of the Fisher matrix
     max_backtracks: int = 10  # TRPO line-search halvings

@@ -1,0 +1,328 @@
+"""TRPO for language models — the article's constrained problem, solved on an LLM, read top to bottom.
+
+    max_θ  E[ π_θ(o_t|q,o_<t) / π_old(o_t|q,o_<t) · Â_t ]   s.t.   mean_t KL(π_old(·|q,o_<t) ‖ π_θ(·|q,o_<t)) ≤ δ
+
+    for each step:
+        q, o ← prompts and G samples each (same sample budget as GRPO and PPO); score them
+        log π_old (token and whole vocabulary), V(q, o_<t) ← policy and critic, no grad
+        r_t ← −β·(log π_old − log π_ref) + score on the last token;  Â, R ← GAE;  Â ← whiten(Â)
+        policy: ONE natural-gradient step (core.trust_region.trpo_step):
+            g = ∇ surrogate;  x ≈ F⁻¹g by cg_iters of CG on Fisher-vector products (double backprop
+            of the exact vocabulary KL);  s = sqrt(2δ / xᵀFx)·x;  backtracking line search on the
+            measured mean KL over the whole batch (≤ δ) and the surrogate (must improve)
+        critic: trpo_value_steps Adam steps on the value loss (TRPO itself has no value term)
+        log the accepted step's KL, the backtracks, the surrogate improvement; checkpoint
+
+The trainable parameters are the whole model, or only LoRA adapters (lora_rank > 0) for large ones:
+conjugate gradient then works in the adapters' small space. Log-probs are recomputed from float32 logits
+with plain autograd (the KL is differentiated twice); dtype=bfloat16 is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from zerorl.config import ConfigError, TrainConfig
+from zerorl.core.advantages import gae
+from zerorl.core.kl import kl_estimate
+from zerorl.core.logprobs import entropy_from_logits
+from zerorl.core.losses import aggregate, policy_loss, value_loss
+from zerorl.core.trust_region import TRPOStepInfo, trpo_step
+from zerorl.lm.batch import RolloutBatch
+from zerorl.lm.forward import batched_logprobs, completion_logits
+from zerorl.lm.lora import apply_lora, lora_disabled, merge_lora
+from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
+from zerorl.lm.rollout import SamplingParams
+from zerorl.lm.runtime import (
+    describe_eval,
+    finish_run,
+    make_optimizer,
+    make_scheduler,
+    restore_training_state,
+    run_evaluation,
+    save_training_state,
+    setup_lm_run,
+)
+from zerorl.lm.value_model import (
+    RewardModelScorer,
+    ValueHead,
+    build_critic,
+    completion_hidden,
+    critic_values,
+    logits_and_values,
+    masked_whiten,
+    model_state_bytes,
+    parameter_counts,
+    token_level_rewards,
+)
+from zerorl.rewards import RewardSet
+
+NO_CLIP = math.inf  # policy_loss without the clip is TRPO's surrogate r·Â
+
+
+def vocab_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / τ) over the vocabulary, float32 with plain autograd (twice differentiable)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def vocab_kl_sum(old_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over valid positions of the exact KL(π_old(·|s) ‖ π_θ(·|s)) = Σ_v π_old(v) (log π_old(v) − log π_θ(v)).
+
+    The exact KL (not a sampled estimate) has the Fisher matrix as its Hessian at θ = θ_old, which is
+    what TRPO's Fisher-vector products need. old_log_probs, log_probs [B, T, V]; mask [B, T].
+    """
+    per_position = (old_log_probs.exp() * (old_log_probs - log_probs)).sum(dim=-1)
+    return torch.where(mask.bool(), per_position, torch.zeros_like(per_position)).sum()
+
+
+class TrustRegionProblem:
+    """surrogate_fn and kl_fn of one rollout batch, for ``core.trust_region.trpo_step``.
+
+    ``micros`` are the batch's micro-batches with old_logprobs and advantages; ``old_vocab`` their
+    log π_old over the vocabulary [b, w, V]. Both functions recompute from the policy's current weights.
+    Under no_grad (the line search calls them back to back at the same weights) one forward pass serves
+    both. With fisher_subsample = k > 1 the Fisher-vector products (the only calls with autograd on the
+    KL) use every k-th completion, as OpenAI baselines' TRPO does; every KL the line search tests and
+    every KL logged is measured on the whole batch.
+    """
+
+    def __init__(self, policy: torch.nn.Module, params: list[torch.Tensor], micros: list[RolloutBatch],
+                 old_vocab: list[torch.Tensor], temperature: float, fisher_subsample: int = 1):
+        self.policy, self.params, self.temperature = policy, params, temperature
+        self.micros, self.old_vocab = micros, old_vocab
+        self.tokens = max(1.0, sum(m.completion_mask.sum().item() for m in micros))
+        self.fisher = list(zip(micros, old_vocab))
+        if fisher_subsample > 1:
+            self.fisher = []
+            for micro, old in zip(micros, old_vocab):
+                rows = torch.arange(0, len(micro), fisher_subsample)
+                sub = micro.select(rows)
+                self.fisher.append((sub, old[rows, :sub.completion_ids.shape[1]]))
+        self._cache_key, self._cache = None, []
+
+    def _log_probs(self, micros: list[RolloutBatch]) -> list[torch.Tensor]:
+        if torch.is_grad_enabled():
+            return [vocab_log_softmax(self._logits(m), self.temperature) for m in micros]
+        key = tuple(p._version for p in self.params)
+        if key != self._cache_key:  # the weights changed since the last forward pass
+            self._cache = [vocab_log_softmax(self._logits(m), self.temperature) for m in self.micros]
+            self._cache_key = key
+        return self._cache
+
+    def _logits(self, micro: RolloutBatch) -> torch.Tensor:
+        return completion_logits(self.policy, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                 micro.completion_mask)
+
+    def surrogate(self) -> torch.Tensor:
+        """L(θ) = mean over valid tokens of π_θ/π_old · Â (to maximize)."""
+        total = 0.0
+        for micro, log_probs in zip(self.micros, self._log_probs(self.micros)):
+            logp = log_probs.gather(-1, micro.completion_ids.unsqueeze(-1)).squeeze(-1)
+            loss, _ = policy_loss(logp, micro.old_logprobs, micro.advantages, micro.completion_mask.bool(),
+                                  clip_eps_low=NO_CLIP, loss_agg_mode="token-mean")
+            total = total - loss * (micro.completion_mask.sum().item() / self.tokens)
+        return total
+
+    def kl(self) -> torch.Tensor:
+        """Mean over valid tokens of the exact KL(π_old ‖ π_θ) (the Fisher subsample under autograd)."""
+        pairs = self.fisher if torch.is_grad_enabled() else list(zip(self.micros, self.old_vocab))
+        log_probs = [vocab_log_softmax(self._logits(m), self.temperature) for m, _ in pairs] \
+            if torch.is_grad_enabled() else self._log_probs(self.micros)
+        total = sum(vocab_kl_sum(old, lp, m.completion_mask) for (m, old), lp in zip(pairs, log_probs))
+        tokens = max(1.0, sum(m.completion_mask.sum().item() for m, _ in pairs))
+        return total / tokens
+
+
+@torch.no_grad()
+def rollout_statistics(policy, critic, batch: RolloutBatch, micro_batch_size: int, temperature: float
+                       ) -> list[torch.Tensor]:
+    """Fill batch.old_logprobs and batch.values; return log π_old over the vocabulary per micro-batch."""
+    was_training = policy.training
+    policy.eval()
+    batch.old_logprobs = torch.zeros(batch.completion_ids.shape, dtype=torch.float32,
+                                     device=batch.completion_ids.device)
+    batch.values = torch.zeros_like(batch.old_logprobs)
+    old_vocab = []
+    for start, micro in zip(range(0, len(batch), micro_batch_size), batch.micro_batches(micro_batch_size)):
+        logits, values = logits_and_values(policy, critic, micro)
+        log_probs = vocab_log_softmax(logits, temperature)
+        width, rows = micro.completion_ids.shape[1], slice(start, start + len(micro))
+        batch.old_logprobs[rows, :width] = log_probs.gather(-1, micro.completion_ids.unsqueeze(-1)).squeeze(-1)
+        batch.values[rows, :width] = values
+        old_vocab.append(log_probs)
+    policy.train(was_training)
+    mask = batch.completion_mask.bool()
+    batch.old_logprobs, batch.values = batch.old_logprobs * mask, batch.values * mask
+    return old_vocab
+
+
+def trust_region_update(policy, params, batch: RolloutBatch, old_vocab: list[torch.Tensor],
+                        config: TrainConfig) -> TRPOStepInfo:
+    """One TRPO step of ``params`` in place; batch carries old_logprobs and advantages."""
+    problem = TrustRegionProblem(policy, params, batch.micro_batches(config.micro_batch_size), old_vocab,
+                                 config.temperature, config.fisher_subsample)
+    # The fused CPU/GPU attention kernels have no double backward; the math kernel is plain autograd.
+    with sdpa_kernel([SDPBackend.MATH]):
+        return trpo_step(params, problem.surrogate, problem.kl, max_kl=config.max_kl, cg_iters=config.cg_iters,
+                         damping=config.cg_damping, max_backtracks=config.max_backtracks)
+
+
+def fit_critic(policy, critic, critic_params, optimizer, batch: RolloutBatch, config: TrainConfig,
+               generator: torch.Generator) -> dict[str, float]:
+    """trpo_value_steps Adam steps on ½(V − R)² (clipped around V_old), one minibatch each."""
+    metrics: dict[str, list[float]] = {}
+    steps = config.trpo_value_steps
+    if steps == 0:
+        return {}
+    order = torch.randperm(len(batch), generator=generator)
+    size = -(-len(batch) // steps)
+    for start in range(0, len(batch), size):
+        minibatch = batch.select(order[start:start + size])
+        tokens = max(1.0, minibatch.completion_mask.sum().item())
+        optimizer.zero_grad(set_to_none=True)
+        for micro in minibatch.micro_batches(config.micro_batch_size):
+            if isinstance(critic, ValueHead):
+                # The head reads the policy's features but must not move them: only the trust-region
+                # step may change the policy, or its KL bound would not hold.
+                with torch.no_grad():
+                    hidden = completion_hidden(policy.base_model, micro.prompt_ids, micro.prompt_mask,
+                                               micro.completion_ids, micro.completion_mask)
+                values = critic(hidden)
+            else:
+                values = critic_values(policy, critic, micro)
+            loss, value_metrics = value_loss(values, micro.values, micro.returns, micro.completion_mask.bool(),
+                                             clip_range=config.cliprange_value, loss_agg_mode="token-mean")
+            (loss * (micro.completion_mask.sum().item() / tokens)).backward()
+            value_metrics["value_loss"] = loss.detach()
+            for key, value in value_metrics.items():
+                metrics.setdefault(key, []).append(float(value))
+        grad_norm = torch.nn.utils.clip_grad_norm_(critic_params, config.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        metrics.setdefault("critic_grad_norm", []).append(float(grad_norm))
+    return {key: sum(vals) / len(vals) for key, vals in metrics.items()}
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    if config.dtype != "float32":
+        raise ConfigError(f"dtype={config.dtype!r}: TRPO differentiates the KL twice (Fisher-vector products), "
+                          "which needs float32 logits. Fix: dtype=float32 (use lora_rank>0 for large models).")
+    run = setup_lm_run(config, resume=resume)
+    policy = run.model
+    policy.train()
+
+    critic = build_critic(policy, config.critic).to(run.device)
+    lora = config.lora_rank > 0
+    if lora:
+        policy_params = apply_lora(policy, config.lora_rank, config.lora_alpha)
+        critic_params = list(critic.parameters()) if config.critic == "value_head" else \
+            apply_lora(critic.backbone, config.lora_rank, config.lora_alpha) + list(critic.head.parameters())
+    else:
+        policy_params = [p for p in policy.parameters() if p.requires_grad]
+        critic_params = list(critic.parameters())
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if config.beta > 0 and not lora else None
+    scorer = None
+    reward_set = run.reward_set
+    if config.reward_model is not None:
+        scorer = RewardModelScorer(config.reward_model, device=run.device, batch_size=config.micro_batch_size)
+        reward_set = RewardSet([("reward_model", scorer, 1.0)] + [(n, f, 0.0) for n, f, _ in run.reward_set.funcs],
+                               error_policy=config.reward_errors)
+
+    # Only the critic has an optimizer: the policy moves by the natural-gradient step alone.
+    critic_lr = config.critic_learning_rate or config.learning_rate
+    optimizer = make_optimizer([{"params": critic_params, "lr": critic_lr}], config)
+    scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
+    modules = {"model": policy, "critic": critic} | ({"ref_model": ref_model} if ref_model is not None else {})
+    held = parameter_counts({"policy": policy, "critic": critic, "reference": ref_model,
+                             "reward_model": scorer.model if scorer else None})
+
+    start_step, data_cursor = 0, 0
+    if resume:
+        state = restore_training_state(run, modules, optimizer, scheduler)
+        if state is not None:
+            start_step, data_cursor = state["step"], state["data_cursor"]
+    from zerorl.tracking import MetricsLogger
+
+    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+    if config.eval_at_start and "eval_before" not in run.summary:
+        print(describe_eval("before", run_evaluation(run, "before")), flush=True)
+
+    sampling = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
+                              top_k=config.top_k, max_new_tokens=config.max_completion_length)
+    bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
+               desc=f"trpo {config.task}", unit="step", disable=not config.progress)
+    for step in bar:
+        step_start = time.perf_counter()
+
+        # 1. Prompts → samples → scores.
+        rows = [run.task.train_row(data_cursor + i) for i in range(config.prompts_per_step)]
+        data_cursor += config.prompts_per_step
+        prompts = render_prompts(rows, run.template, run.tokenizer)
+        batch, timings = rollout_and_score(run.engine, prompts, sampling, reward_set,
+                                           seed=config.seed * 1_000_003 + step)
+        train_start = time.perf_counter()
+        mask = batch.completion_mask.bool()
+
+        # 2. π_old (tokens and whole vocabulary: the KL constraint is exact), V, π_ref.
+        old_vocab = rollout_statistics(policy, critic, batch, config.micro_batch_size, config.temperature)
+        if config.beta > 0:
+            if ref_model is not None:
+                batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature)
+            else:
+                with lora_disabled(policy):
+                    batch.ref_logprobs = batched_logprobs(policy, batch, config.micro_batch_size, config.temperature)
+
+        # 3. Token rewards with the KL penalty, GAE, whitening (as PPO).
+        token_rewards = token_level_rewards(batch.rewards, batch.old_logprobs, batch.ref_logprobs, mask, config.beta)
+        advantages, batch.returns = gae(token_rewards, batch.values, mask, gamma=config.gamma, lam=config.lam)
+        batch.advantages = masked_whiten(advantages, mask) if config.whiten_advantages else advantages
+
+        # 4. The natural-gradient step with its line search, then the critic.
+        info = trust_region_update(policy, policy_params, batch, old_vocab, config)
+        critic_metrics = fit_critic(policy, critic, critic_params, optimizer, batch, config,
+                                    torch.Generator().manual_seed(config.seed * 7_919 + step))
+        scheduler.step()
+
+        # 5. Metrics, checkpoint.
+        row = {"step": step + 1, **completion_metrics(batch), **timings, **critic_metrics}
+        with torch.no_grad():
+            if batch.ref_logprobs is not None:
+                row["kl"] = float(aggregate(kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k1"), mask,
+                                            "token-mean"))
+            row["entropy"] = float(torch.stack([
+                aggregate(entropy_from_logits(old), m.completion_mask.bool(), "token-mean")  # log-probs are logits
+                for m, old in zip(batch.micro_batches(config.micro_batch_size), old_vocab)
+            ]).mean())
+        row.update({
+            "trust_region/kl": info.kl,  # mean KL(π_old ‖ π_θ) measured after the step (≤ max_kl when accepted)
+            "trust_region/accepted": float(info.accepted),
+            "trust_region/backtracks": info.backtracks,
+            "trust_region/step_fraction": info.step_fraction,
+            "trust_region/surrogate_improvement": info.surrogate_after - info.surrogate_before,
+            "trust_region/expected_improvement": info.expected_improvement,
+            "grad_norm": info.grad_norm,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "time/train": time.perf_counter() - train_start,
+            "step_time": time.perf_counter() - step_start,
+            "data_cursor": data_cursor,
+        })
+        run.logger.log(row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{info.kl:.4f}", bt=info.backtracks)
+        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.max_steps:
+            save_training_state(run, step + 1, data_cursor, modules, optimizer, scheduler)
+    bar.close()
+
+    memory = model_state_bytes({"policy": policy, "critic": critic, "reference": ref_model,
+                                "reward_model": scorer.model if scorer else None}, optimizer)
+    save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler)
+    if config.eval_at_end:
+        print(describe_eval("after", run_evaluation(run, "after")), flush=True)
+    if lora:
+        merge_lora(policy)
+    return finish_run(run, extra={"models": held, "model_state_bytes": memory})
