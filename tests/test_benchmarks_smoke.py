@@ -1,0 +1,137 @@
+"""The arithmetic of benchmarks/floor.py and benchmarks/vs_trl.py: FLOP counts, warm-up handling, ratios.
+
+No timing is asserted (benchmarks are scripts); TRL is never installed or run here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+_wait_policy = os.environ.get("OMP_WAIT_POLICY")
+
+import floor  # noqa: E402
+import vs_trl  # noqa: E402
+
+# The scripts set OMP_WAIT_POLICY for their own runs; keep it out of the other tests' subprocesses.
+if _wait_policy is None:
+    os.environ.pop("OMP_WAIT_POLICY", None)
+else:
+    os.environ["OMP_WAIT_POLICY"] = _wait_policy
+
+
+def test_step_flops_per_parameter_by_phase():
+    # P=2 prompts × G=3, 10 prompt tokens in all, 30 completion tokens in all:
+    # sequence tokens = 3·10 + 30 = 60; FLOPs/param = 2·10 + 2·30 + 2·60 + 6·60 = 560.
+    work = floor.StepWork(prompts=2, generations=3, prompt_tokens=10, completion_tokens=30)
+    assert work.sequence_tokens == 60
+    phases = work.phases()
+    assert [(name, tokens, per_param, rows) for name, tokens, per_param, rows in phases] == [
+        ("generation: prefill", 10, 2.0, 10),
+        ("generation: decode", 30, 2.0, 6),
+        ("reference forward", 60, 2.0, 60),
+        ("training fwd+bwd", 60, 6.0, 60),
+    ]
+    assert sum(tokens * per_param for _, tokens, per_param, _ in phases) == 560
+    no_ref = floor.StepWork(2, 3, 10, 30, with_reference=False)
+    assert sum(t * f for _, t, f, _ in no_ref.phases()) == 440
+
+
+def test_floor_seconds_are_flops_over_rate(monkeypatch):
+    calls = []
+
+    def fake_rate(shape, rows, dtype, backward, repeats=5):
+        calls.append((rows, backward))
+        return 4e9 if backward else 2e9  # FLOP/s
+
+    monkeypatch.setattr(floor, "best_gemm_rate", fake_rate)
+    shape = floor.ModelShape("m", num_parameters=1_000_000, hidden_size=8, intermediate_size=16, num_layers=1,
+                             num_heads=2, num_kv_heads=1, vocab_size=10)
+    work = floor.StepWork(prompts=2, generations=3, prompt_tokens=10, completion_tokens=30)
+    cache: dict = {}
+    rows = floor.step_floor(shape, work, ["fp32"], cache=cache)
+    # forward phases: 2e6 · (10 + 30 + 60) / 2e9 = 0.1 s; training: 6e6 · 60 / 4e9 = 0.09 s.
+    assert floor.floor_seconds(rows) == pytest.approx(0.19)
+    assert [r.seconds["fp32"] for r in rows] == pytest.approx([0.01, 0.03, 0.06, 0.09])
+    assert len(calls) == 4
+    # Another token count reuses the measured rates: no new GEMM timing.
+    floor.step_floor(shape, floor.StepWork(2, 3, 10, 60), ["fp32"], cache=cache)
+    assert len(calls) == 4
+
+
+def test_linear_shapes_cover_every_parameter_once(tmp_path):
+    """2N per token is only right if N is exactly the matmul weights plus the few vector parameters."""
+    from zerorl.lm.models import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                            intermediate_size=48, charset="0123456789+-=?\n")
+    shape = floor.ModelShape.from_model_dir(path)
+    matmul = sum(fan_in * fan_out * count for fan_in, fan_out, count in shape.linear_shapes())
+    biases = shape.num_layers * (shape.hidden_size + 2 * shape.kv_size)  # Qwen2: q, k, v have biases
+    norms = (2 * shape.num_layers + 1) * shape.hidden_size
+    assert shape.vocab_size == 17 and shape.kv_size == 16
+    assert shape.num_parameters == matmul + biases + norms
+
+
+def test_gemm_rate_is_a_positive_rate(monkeypatch):
+    shape = floor.ModelShape("m", 0, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                             num_kv_heads=1, vocab_size=8)
+    rate = floor.gemm_rate(shape, rows=8, dtype=torch.float32, backward=True, repeats=1)
+    # Loose bounds: tiny matmuls on a loaded shared machine can be very slow, but never free or negative.
+    assert 1e3 < rate < 1e14
+    # best_gemm_rate takes the better of N threads and 1 thread, and leaves the thread count as it was.
+    seen = []
+    monkeypatch.setattr(floor, "gemm_rate", lambda *a, **k: seen.append(torch.get_num_threads()) or 10.0 * seen[-1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert floor.best_gemm_rate(shape, 8, torch.float32, False) == 20.0
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name, target", [("qwen2-1.0m", 1.0e6), ("qwen2-31.5m", 31.5e6)])
+def test_benchmark_models_match_the_issue(name, target):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    spec = vs_trl.MODELS[name]
+    vocab = len(vs_trl.BENCH_CHARSET) + 2  # + <pad>, <|endoftext|>
+    assert vocab == 83
+    config = Qwen2Config(vocab_size=vocab, hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
+                         num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"],
+                         intermediate_size=spec["intermediate_size"], tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(target, rel=0.005)
+
+
+def test_summary_drops_the_warm_up_step():
+    result = vs_trl._summary("x", step_seconds=[10.0, 1.0, 2.0], tokens=[100, 10, 30], peak_rss_mb=5.0)
+    assert result["seconds_per_step"] == pytest.approx(1.5)
+    assert result["tokens_per_second"] == pytest.approx(40 / 3)
+    with pytest.raises(RuntimeError, match="2 step times and 3 token counts"):
+        vs_trl._summary("x", step_seconds=[1.0, 2.0], tokens=[1, 2, 3], peak_rss_mb=1.0)
+
+
+def test_ratios_use_trl_at_its_best():
+    def run(seconds, tokens, rss):
+        return {"step_seconds": seconds, "completion_tokens": tokens, "peak_rss_mb": rss}
+
+    stats = {
+        "trl-ckpt-on": vs_trl.aggregate([run([2.0, 2.0], [2000, 2000], 600.0)]),  # 1000 tok/s, leanest
+        "trl-ckpt-off": vs_trl.aggregate([run([1.0, 1.0], [1200, 1200], 700.0)]),  # 1200 tok/s, fastest
+        "zerorl": vs_trl.aggregate([run([0.5], [1800], 400.0), run([0.5], [1800], 420.0)]),  # 3600 tok/s
+    }
+    assert stats["zerorl"]["tokens_per_second"] == pytest.approx(3600)
+    assert (stats["zerorl"]["rss_min"], stats["zerorl"]["rss_max"]) == (400.0, 420.0)
+    table = vs_trl.format_model_table("qwen2-1.0m", stats, {"trl-ckpt-on": 0.5, "trl-ckpt-off": 0.5, "zerorl": 0.25})
+    assert "= 3.00×** (vs trl-ckpt-off" in table
+    assert "= 0.70** (vs trl-ckpt-on" in table
+    assert "| zerorl | 2 × 1 | 0.500 (0.500–0.500) | 1800 | 3,600 | 400–420 | 50.0% |" in table
