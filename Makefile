@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/zerorl train
+	$(BIN)/zerorl train $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check zerorl tests benchmarks
