@@ -31,17 +31,18 @@ from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
 from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
-from zerorl.lm.rollout import SamplingParams
 from zerorl.lm.runtime import (
     LMRun,
     NonFiniteLossError,
+    begin_training,
     describe_eval,
     finish_run,
     make_optimizer,
     make_scheduler,
     nonfinite_abort_message,
-    restore_training_state,
+    rollout_seed,
     run_evaluation,
+    sampling_params,
     save_training_state,
     setup_lm_run,
 )
@@ -99,23 +100,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})
 
-    start_step, data_cursor, nonfinite_in_a_row = 0, 0, 0
-    if resume:
-        state = restore_training_state(run, modules, optimizer, scheduler)
-        if state is not None:
-            start_step, data_cursor = state["step"], state["data_cursor"]
-            nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-    from zerorl.tracking import MetricsLogger
+    state, evaluated_now = begin_training(run, modules, optimizer, scheduler, resume)
+    start_step, data_cursor = state["step"], state["data_cursor"]
+    nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+    if evaluated_now and config.save_steps:  # a step-0 checkpoint keeps the (possibly long) evaluation across a kill
+        save_training_state(run, 0, data_cursor, modules, optimizer, scheduler)
 
-    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
-
-    if config.eval_at_start and "eval_before" not in run.summary:
-        print(describe_eval("before", run_evaluation(run, "before")), flush=True)
-        if config.save_steps:  # a step-0 checkpoint keeps the (possibly long) evaluation across a kill
-            save_training_state(run, 0, data_cursor, modules, optimizer, scheduler)
-
-    sampling = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
-                              top_k=config.top_k, max_new_tokens=config.max_completion_length)
+    sampling = sampling_params(config)
     on_policy = config.num_iterations == 1 and config.num_minibatches == 1
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc=f"{config.algo} {config.task}", unit="step", disable=not config.progress)
@@ -128,7 +119,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         prompts = render_prompts(rows, run.template, run.tokenizer)
         errors_before = dict(run.reward_set.error_counts)  # samples scored 0.0 under reward_errors=zero
         batch, timings = rollout_and_score(run.engine, prompts, sampling, run.reward_set,
-                                           seed=config.seed * 1_000_003 + step)
+                                           seed=rollout_seed(config, step))
 
         # 2. Group-relative advantages: no critic, the group is the baseline.
         batch.advantages = compute_advantages(batch, config)

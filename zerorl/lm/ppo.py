@@ -36,19 +36,19 @@ from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs
 from zerorl.lm.lora import apply_lora, lora_disabled, merge_lora
 from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
-from zerorl.lm.rollout import SamplingParams
 from zerorl.lm.runtime import (
+    begin_training,
     describe_eval,
     finish_run,
     make_optimizer,
     make_scheduler,
-    restore_training_state,
+    rollout_seed,
     run_evaluation,
+    sampling_params,
     save_training_state,
     setup_lm_run,
 )
 from zerorl.lm.value_model import (
-    RewardModelScorer,
     build_critic,
     logits_and_values,
     masked_whiten,
@@ -56,20 +56,10 @@ from zerorl.lm.value_model import (
     parameter_counts,
     rollout_logprobs_and_values,
     token_level_rewards,
+    training_reward_set,
 )
-from zerorl.rewards import RewardSet
 
 PPO_AGG_MODE = "token-mean"  # PPO averages over all valid tokens of the minibatch (TRL's masked_mean)
-
-
-def training_reward_set(run, config: TrainConfig) -> tuple[RewardSet, RewardModelScorer | None]:
-    """The task's reward functions, or a reward model; with a reward model the task's functions are still
-    computed (weight 0) so that rewards/accuracy/mean shows whether the learned reward tracks the truth."""
-    if config.reward_model is None:
-        return run.reward_set, None
-    scorer = RewardModelScorer(config.reward_model, device=run.device, batch_size=config.micro_batch_size)
-    funcs = [("reward_model", scorer, 1.0)] + [(name, fn, 0.0) for name, fn, _ in run.reward_set.funcs]
-    return RewardSet(funcs, error_policy=config.reward_errors), scorer
 
 
 def reference_logprobs(policy, ref_model, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
@@ -155,19 +145,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     held = parameter_counts({"policy": policy, "critic": critic, "reference": ref_model,
                              "reward_model": scorer.model if scorer else None})
 
-    start_step, data_cursor = 0, 0
-    if resume:
-        state = restore_training_state(run, modules, optimizer, scheduler)
-        if state is not None:
-            start_step, data_cursor = state["step"], state["data_cursor"]
-    from zerorl.tracking import MetricsLogger
+    state, _ = begin_training(run, modules, optimizer, scheduler, resume)
+    start_step, data_cursor = state["step"], state["data_cursor"]
 
-    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
-    if config.eval_at_start and "eval_before" not in run.summary:
-        print(describe_eval("before", run_evaluation(run, "before")), flush=True)
-
-    sampling = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
-                              top_k=config.top_k, max_new_tokens=config.max_completion_length)
+    sampling = sampling_params(config)
     skipped_in_a_row = 0
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc=f"ppo {config.task}", unit="step", disable=not config.progress)
@@ -179,7 +160,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         data_cursor += config.prompts_per_step
         prompts = render_prompts(rows, run.template, run.tokenizer)
         batch, timings = rollout_and_score(run.engine, prompts, sampling, reward_set,
-                                           seed=config.seed * 1_000_003 + step)
+                                           seed=rollout_seed(config, step))
         train_start = time.perf_counter()
         mask = batch.completion_mask.bool()
 

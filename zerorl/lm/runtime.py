@@ -42,7 +42,7 @@ from zerorl.checkpoint import (
 from zerorl.config import ConfigError, TrainConfig, config_to_dict
 from zerorl.lm.evaluate import evaluate
 from zerorl.lm.models import load_model_and_tokenizer, save_model
-from zerorl.lm.rollout import HFRolloutEngine
+from zerorl.lm.rollout import HFRolloutEngine, SamplingParams
 from zerorl.rewards import BUILTIN_REWARDS, ProcessRewardFunction, RewardSet, load_reward_function
 from zerorl.tasks import TASKS, get_task
 from zerorl.tracking import MetricsLogger, plot_lm_run
@@ -287,6 +287,35 @@ def restore_training_state(run: LMRun, modules: dict[str, torch.nn.Module], opti
     run.wall_seconds_before = state.get("wall_seconds", 0.0)
     run.summary = state.get("summary", {})
     return state
+
+
+def begin_training(run: LMRun, modules: dict[str, torch.nn.Module], optimizer, scheduler,
+                   resume: bool) -> tuple[dict[str, Any], bool]:
+    """What every trainer does before its first step: restore the newest checkpoint (when resuming), open
+    metrics.jsonl (cut back to the restored step), and evaluate the starting model once.
+
+    Returns (trainer state — ``step`` and ``data_cursor`` are 0 for a fresh run — and whether the
+    evaluation ran just now).
+    """
+    state = (restore_training_state(run, modules, optimizer, scheduler) if resume else None) or {}
+    state = {"step": 0, "data_cursor": 0, **state}
+    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=state["step"] if resume else None)
+    evaluated_now = False
+    if run.config.eval_at_start and "eval_before" not in run.summary:
+        print(describe_eval("before", run_evaluation(run, "before")), flush=True)
+        evaluated_now = True
+    return state, evaluated_now
+
+
+def sampling_params(config: TrainConfig) -> SamplingParams:
+    """The training rollout's sampling settings (G samples per prompt)."""
+    return SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
+                          top_k=config.top_k, max_new_tokens=config.max_completion_length)
+
+
+def rollout_seed(config: TrainConfig, step: int) -> int:
+    """The sampling seed of a step: a function of (seed, step) only, so a resumed run samples the same."""
+    return config.seed * 1_000_003 + step
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,19 +38,19 @@ from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logits
 from zerorl.lm.lora import apply_lora, lora_disabled, merge_lora
 from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
-from zerorl.lm.rollout import SamplingParams
 from zerorl.lm.runtime import (
+    begin_training,
     describe_eval,
     finish_run,
     make_optimizer,
     make_scheduler,
-    restore_training_state,
+    rollout_seed,
     run_evaluation,
+    sampling_params,
     save_training_state,
     setup_lm_run,
 )
 from zerorl.lm.value_model import (
-    RewardModelScorer,
     ValueHead,
     build_critic,
     completion_hidden,
@@ -60,8 +60,8 @@ from zerorl.lm.value_model import (
     model_state_bytes,
     parameter_counts,
     token_level_rewards,
+    training_reward_set,
 )
-from zerorl.rewards import RewardSet
 
 NO_CLIP = math.inf  # policy_loss without the clip is TRPO's surrogate r·Â
 
@@ -227,12 +227,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         critic_params = list(critic.parameters())
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if config.beta > 0 and not lora else None
-    scorer = None
-    reward_set = run.reward_set
-    if config.reward_model is not None:
-        scorer = RewardModelScorer(config.reward_model, device=run.device, batch_size=config.micro_batch_size)
-        reward_set = RewardSet([("reward_model", scorer, 1.0)] + [(n, f, 0.0) for n, f, _ in run.reward_set.funcs],
-                               error_policy=config.reward_errors)
+    reward_set, scorer = training_reward_set(run, config)
 
     # Only the critic has an optimizer: the policy moves by the natural-gradient step alone.
     critic_lr = config.critic_learning_rate or config.learning_rate
@@ -242,19 +237,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     held = parameter_counts({"policy": policy, "critic": critic, "reference": ref_model,
                              "reward_model": scorer.model if scorer else None})
 
-    start_step, data_cursor = 0, 0
-    if resume:
-        state = restore_training_state(run, modules, optimizer, scheduler)
-        if state is not None:
-            start_step, data_cursor = state["step"], state["data_cursor"]
-    from zerorl.tracking import MetricsLogger
+    state, _ = begin_training(run, modules, optimizer, scheduler, resume)
+    start_step, data_cursor = state["step"], state["data_cursor"]
 
-    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
-    if config.eval_at_start and "eval_before" not in run.summary:
-        print(describe_eval("before", run_evaluation(run, "before")), flush=True)
-
-    sampling = SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
-                              top_k=config.top_k, max_new_tokens=config.max_completion_length)
+    sampling = sampling_params(config)
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc=f"trpo {config.task}", unit="step", disable=not config.progress)
     for step in bar:
@@ -265,7 +251,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         data_cursor += config.prompts_per_step
         prompts = render_prompts(rows, run.template, run.tokenizer)
         batch, timings = rollout_and_score(run.engine, prompts, sampling, reward_set,
-                                           seed=config.seed * 1_000_003 + step)
+                                           seed=rollout_seed(config, step))
         train_start = time.perf_counter()
         mask = batch.completion_mask.bool()
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zerorl.config import TrainConfig
 from zerorl.lm.forward import position_ids_from_mask
+from zerorl.rewards import RewardSet
 
 
 class ValueHead(nn.Module):
@@ -245,3 +247,13 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     mean = torch.where(mask, values, torch.zeros_like(values)).sum() / count
     var = torch.where(mask, (values - mean).square(), torch.zeros_like(values)).sum() / (count - 1)
     return torch.where(mask, (values - mean) / (var.sqrt() + eps), torch.zeros_like(values))
+
+
+def training_reward_set(run, config: TrainConfig) -> tuple[RewardSet, RewardModelScorer | None]:
+    """The task's reward functions, or a reward model; with a reward model the task's functions are still
+    computed (weight 0) so that rewards/accuracy/mean shows whether the learned reward tracks the truth."""
+    if config.reward_model is None:
+        return run.reward_set, None
+    scorer = RewardModelScorer(config.reward_model, device=run.device, batch_size=config.micro_batch_size)
+    funcs = [("reward_model", scorer, 1.0)] + [(name, fn, 0.0) for name, fn, _ in run.reward_set.funcs]
+    return RewardSet(funcs, error_policy=config.reward_errors), scorer
