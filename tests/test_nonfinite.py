@@ -44,9 +44,9 @@ def _inject(monkeypatch, bad_steps: set[int], kind: str) -> None:
     real_loss = grpo.grpo_loss
     calls = []
 
-    def loss_with_faults(model, micro, config, on_policy):
+    def loss_with_faults(model, micro, config, on_policy, native=None):
         calls.append(1)
-        loss, metrics = real_loss(model, micro, config, on_policy)
+        loss, metrics = real_loss(model, micro, config, on_policy, native=native)
         if len(calls) in bad_steps:
             if kind == "loss":
                 loss = loss * float("nan")

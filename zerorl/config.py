@@ -60,7 +60,8 @@ class TrainConfig:
     ref_model_sync_steps: int = 0  # >0: copy the policy into the reference every N steps
     num_iterations: int = 1  # μ, passes over each rollout batch
     num_minibatches: int = 1  # optimizer steps per pass
-    micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation below it)
+    micro_batch_size: int = 16  # completions per forward/backward (gradient accumulation above it; 16 keeps
+    #                              activation memory low at no cost in speed, benchmarks/RESULTS.md)
 
     # --- optimizer -----------------------------------------------------------------------------
     learning_rate: float = 1e-4
@@ -86,6 +87,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    native_model: bool = True  # zerorl.lm.native forward for llama/qwen2/qwen3 (same math, leaner); false = transformers'
+    bf16: bool = False  # bf16 autocast over float32 weights in rollout, reference and training passes (TRL's bf16)
+    use_vllm: bool = False  # sample with vLLM (GPU; pip install zerorl[vllm]); weights synced after each update
+    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (the trainer needs the rest)
     cache_dir: str | None = None  # where the embedded base model is cached; None = ~/.cache/zerorl
 
     # --- PPO / TRPO (issue 6) ------------------------------------------------------------------
@@ -106,6 +111,8 @@ class TrainConfig:
     max_backtracks: int = 10  # TRPO line-search halvings
     trpo_value_steps: int = 4  # critic Adam steps per TRPO iteration (minibatches of the rollout batch)
     fisher_subsample: int = 8  # TRPO: Fisher-vector products on every k-th completion (baselines: 5)
+    trpo_advantages: str = "group"  # group: advantage_estimator over the G samples of each prompt, as GRPO:
+    #                                 no critic held, β·KL in the surrogate | gae: critic + token GAE (as PPO)
     lora_rank: int = 0  # >0: PPO/TRPO train LoRA adapters of this rank only; 0 = all parameters
     lora_alpha: float = 16.0  # LoRA scale α / rank
 
@@ -124,6 +131,14 @@ class TrainConfig:
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, ("constant", "linear", "cosine"))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        if self.bf16 and self.dtype != "float32":
+            raise ConfigError(f"bf16=true with dtype={self.dtype!r}: bf16 autocast computes in bfloat16 over "
+                              "float32 weights. Fix: dtype=float32 (with bf16=true), or bf16=false.")
+        if self.bf16 and self.algo == "trpo":
+            raise ConfigError("bf16=true with algo=trpo: TRPO differentiates the KL twice (Fisher-vector "
+                              "products), which needs float32 logits. Fix: bf16=false for TRPO.")
+        _check("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization,
+               0.0 < self.vllm_gpu_memory_utilization < 1.0, "must be in (0, 1)")
         for name in ("max_steps", "prompts_per_step", "max_completion_length", "num_iterations",
                      "num_minibatches", "micro_batch_size", "num_eval", "eval_samples_per_prompt"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, "must be a positive integer")
@@ -170,6 +185,7 @@ class TrainConfig:
         _check("cg_damping", self.cg_damping, self.cg_damping >= 0, "must be ≥ 0, e.g. 0.1")
         _check("max_backtracks", self.max_backtracks, self.max_backtracks >= 1, "must be ≥ 1, e.g. 10")
         _check("trpo_value_steps", self.trpo_value_steps, self.trpo_value_steps >= 0, "must be ≥ 0")
+        _check_choice("trpo_advantages", self.trpo_advantages, ("gae", "group"))
         _check("fisher_subsample", self.fisher_subsample, self.fisher_subsample >= 1,
                "must be ≥ 1 (1 = every completion, 5 = every 5th)")
         _check("lora_rank", self.lora_rank, self.lora_rank >= 0, "must be ≥ 0 (0 = train all parameters)")

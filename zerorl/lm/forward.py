@@ -3,6 +3,9 @@
 Only the completion positions are turned into logits (``logits_to_keep``), and log-probs are taken
 with the chunked selective log-softmax of ``zerorl.core.logprobs``, so no float32 [B, T, V]
 log-softmax is ever materialized.
+
+Pass ``native`` (a ``zerorl.lm.native.NativeDecoder`` of the same model) to compute the same logits
+with each prompt encoded once per group and no padding in the linear layers.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
+from zerorl.lm.native import NativeDecoder
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -18,8 +22,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logits(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                      completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+                      completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                      native: NativeDecoder | None = None) -> torch.Tensor:
     """Logits [B, Lc, V] that predict each completion token (position t predicts token t+1)."""
+    if native is not None:
+        return native.completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     completion_length = completion_ids.shape[1]
@@ -32,13 +39,13 @@ def completion_logits(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_m
 
 def completion_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                         completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                        temperature: float = 1.0, with_entropy: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        native: NativeDecoder | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(o_t | q, o_<t) for every completion token, at the sampling temperature.
 
     Returns (logprobs [B, Lc], entropy [B, Lc] or None). Entropy is detached: it is a metric.
     """
-    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, native)
     logprobs = logprobs_from_logits(logits, completion_ids, temperature=temperature)
     entropy = None
     if with_entropy:
@@ -48,7 +55,8 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt
 
 
 @torch.no_grad()
-def batched_logprobs(model: torch.nn.Module, batch, micro_batch_size: int, temperature: float) -> torch.Tensor:
+def batched_logprobs(model: torch.nn.Module, batch, micro_batch_size: int, temperature: float,
+                     native: NativeDecoder | None = None) -> torch.Tensor:
     """Log-probs [N, Lc] of a whole RolloutBatch without autograd (old policy or reference)."""
     was_training = model.training
     model.eval()
@@ -59,7 +67,7 @@ def batched_logprobs(model: torch.nn.Module, batch, micro_batch_size: int, tempe
         width = int(mask.sum(dim=0).nonzero().max()) + 1 if mask.any() else 1
         logprobs, _ = completion_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows],
                                           batch.completion_ids[rows, :width], mask[:, :width],
-                                          temperature=temperature)
+                                          temperature=temperature, native=native)
         out[rows, :width] = logprobs.float()
     model.train(was_training)
     return out

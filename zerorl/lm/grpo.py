@@ -30,16 +30,20 @@ from zerorl.core.kl import kl_estimate
 from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
+from zerorl.lm.native import NativeDecoder
 from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
 from zerorl.lm.runtime import (
     LMRun,
     NonFiniteLossError,
+    autocast,
     begin_training,
     describe_eval,
     finish_run,
     make_optimizer,
     make_scheduler,
+    native_decoder,
     nonfinite_abort_message,
+    release_free_memory,
     rollout_seed,
     run_evaluation,
     sampling_params,
@@ -57,11 +61,15 @@ def compute_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor
     return adv.reinforce_pp(batch.rewards)
 
 
-def grpo_loss(model, micro: RolloutBatch, config: TrainConfig, on_policy: bool) -> tuple[torch.Tensor, dict]:
-    """The per-token GRPO loss of one micro-batch (to minimize), and its metrics."""
+def grpo_loss(model, micro: RolloutBatch, config: TrainConfig, on_policy: bool,
+              native: NativeDecoder | None = None) -> tuple[torch.Tensor, dict]:
+    """The per-token GRPO loss of one micro-batch (to minimize), and its metrics.
+
+    ``native`` (the policy's NativeDecoder) computes the same log-probs with shared prompts and packed tokens.
+    """
     logprobs, entropy = completion_logprobs(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
                                             micro.completion_mask, temperature=config.temperature,
-                                            with_entropy=True)
+                                            with_entropy=True, native=native)
     mask = micro.completion_mask
     # With μ = 1 and one minibatch the policy has not moved since sampling: π_old = π_θ, and using the
     # detached log-probs makes the ratio exactly 1 (no numerical drift between the sampler and trainer).
@@ -96,6 +104,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     if config.beta > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    # zerorl's lean forward (same math: shared prompts, no padding in the matmuls) where supported.
+    policy_native = native_decoder(model, config)
+    ref_native = native_decoder(ref_model, config) if ref_model is not None else None
+
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})
@@ -121,16 +133,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         batch, timings = rollout_and_score(run.engine, prompts, sampling, run.reward_set,
                                            seed=rollout_seed(config, step))
 
+        release_free_memory()  # the decode's KV cache and temporaries
+
         # 2. Group-relative advantages: no critic, the group is the baseline.
         batch.advantages = compute_advantages(batch, config)
 
         # 3. Log-probs that stay fixed during the update: π_old (when the policy will move between
         #    minibatches) and π_ref (for the KL penalty). No autograd.
         train_start = time.perf_counter()
-        if not on_policy:
-            batch.old_logprobs = batched_logprobs(model, batch, config.micro_batch_size, config.temperature)
-        if ref_model is not None:
-            batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature)
+        with autocast(config, run.device):
+            if not on_policy:
+                batch.old_logprobs = batched_logprobs(model, batch, config.micro_batch_size, config.temperature,
+                                                      native=policy_native)
+            if ref_model is not None:
+                batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size,
+                                                      config.temperature, native=ref_native)
 
         # 4. μ passes of minibatch updates.
         shuffle_gen = torch.Generator().manual_seed(config.seed * 7_919 + step)
@@ -146,10 +163,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss_is_finite = True
                 for micro in minibatch.micro_batches(config.micro_batch_size):
-                    loss, metrics = grpo_loss(model, micro, config, on_policy)
+                    with autocast(config, run.device):
+                        loss, metrics = grpo_loss(model, micro, config, on_policy, native=policy_native)
                     (loss * _share(micro, minibatch, config.loss_agg_mode)).backward()
                     loss_is_finite = loss_is_finite and bool(torch.isfinite(loss))
                     metrics["loss"] = loss.detach()
+                    del loss
+                    release_free_memory()  # this micro-batch's activations
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -161,6 +181,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 optimizer.step()
                 grad_norms.append(grad_norm.item())
         scheduler.step()
+        run.engine.sync_weights(model)  # vLLM copies the updated weights; the in-process engine reads them live
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
         if skipped:
             tqdm.write(f"warning: step {step + 1}: NaN/Inf loss or gradient, {skipped} update(s) skipped "

@@ -4,6 +4,9 @@
 over any Hugging Face causal LM. A vLLM engine can slot in behind the same two methods.
 
 Why a hand-written loop instead of `model.generate`:
+  * for Llama / Qwen2 / Qwen3 models each step runs ``zerorl.lm.native`` (a static KV cache and
+    plain tensor ops on the module's own weights) instead of the generic transformers forward;
+    other architectures use the transformers forward with a ``DynamicCache``;
   * each unique prompt is prefilled once and its KV cache copied G times (GRPO samples G
     completions per prompt, so prefill work drops by G×);
   * rows that finished (EOS or stop string) are dropped from the batch, so compute shrinks as
@@ -20,6 +23,7 @@ so the ratio π_θ/π_old is 1 (up to float rounding) before the first update. F
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from zerorl.core.logprobs import selective_log_softmax
+from zerorl.lm.native import NativeDecoder, unsupported_reason
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -148,13 +153,18 @@ class HFRolloutEngine:
 
     `max_batch_size` caps the rows decoded together (None = all prompts * n at once); a prompt's
     samples may be split across batches. Reproducible per `seed` for a fixed batch split.
+    `native=True` decodes supported architectures with ``zerorl.lm.native`` (same distribution);
+    `autocast_dtype` (e.g. torch.bfloat16) runs the forward passes under CPU/CUDA autocast.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int | None = None,
+                 native: bool = True, autocast_dtype: torch.dtype | None = None):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}.")
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.use_native = native
+        self.autocast_dtype = autocast_dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise ValueError("tokenizer has neither pad_token_id nor eos_token_id; set tokenizer.pad_token.")
@@ -163,7 +173,10 @@ class HFRolloutEngine:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """The HF engine samples from the live module, so this only (re)binds it."""
+        if getattr(self, "model", None) is model:
+            return  # same module: its updated weights are read live
         self.model = model
+        self.native = NativeDecoder(model) if self.use_native and unsupported_reason(model) is None else None
         forward_params = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values -> cache; pass whichever this model takes.
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
@@ -191,7 +204,7 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast(device):
                 for first in range(0, num_rows, batch_size):
                     rows = row_prompt[first : first + batch_size]
                     out = self._decode_batch(prompt_ids, prompt_mask, rows, params, generator)
@@ -222,6 +235,11 @@ class HFRolloutEngine:
             num_generated_tokens=int(lengths_all.sum()),
         )
 
+    def _autocast(self, device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
     # ------------------------------------------------------------------------------------------
     def _tokenize_left_padded(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = self.tokenizer(list(prompts))["input_ids"]
@@ -237,14 +255,6 @@ class HFRolloutEngine:
             prompt_mask[row, width - len(ids) :] = 1
         return prompt_ids.to(device), prompt_mask.to(device)
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        """Last-position logits [b, V] of one forward pass that extends `cache` in place."""
-        kwargs = {self._cache_kwarg: cache, "use_cache": True}
-        if self._has_logits_to_keep:
-            kwargs["logits_to_keep"] = 1  # never materialise [b, T, V] logits in the prefill
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        return out.logits[:, -1, :]
-
     def _decode_batch(self, all_prompt_ids, all_prompt_mask, row_prompt, params, generator):
         """Decode the rows in `row_prompt` (each entry = index of its prompt), prompt-major.
 
@@ -255,16 +265,12 @@ class HFRolloutEngine:
         prompt_ids, prompt_mask = all_prompt_ids[unique_prompts], all_prompt_mask[unique_prompts]
         first_real = int((prompt_mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
         prompt_ids, prompt_mask = prompt_ids[:, first_real:], prompt_mask[:, first_real:]
-        # Left padding shifts tokens right; positions must count real tokens only, so that a padded
-        # row sees the same rotary positions as the same prompt run alone.
-        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
 
-        # Prefill each distinct prompt once, then copy its KV cache to each of its samples.
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(prompt_ids, prompt_mask, position_ids, cache)[expand]
-        cache.batch_select_indices(expand)
-        attention_mask = prompt_mask[expand]
-        next_position = position_ids[expand, -1] + 1
+        # Prefill each distinct prompt once; its keys and values are shared by its samples.
+        if self.native is not None:
+            logits, state = self.native.start_decoding(prompt_ids, prompt_mask, expand, params.max_new_tokens)
+        else:
+            logits, state = _TransformersDecodeState.start(self, prompt_ids, prompt_mask, expand)
 
         num_rows, max_new = len(row_prompt), params.max_new_tokens
         tokens = torch.full((num_rows, max_new), self.pad_id, dtype=torch.long, device=device)
@@ -299,14 +305,11 @@ class HFRolloutEngine:
                 if keep.numel() == 0:
                     break
                 # Drop finished rows from the batch: later steps only compute unfinished ones.
-                cache.batch_select_indices(keep)
-                attention_mask, next_position = attention_mask[keep], next_position[keep]
+                state.keep(keep)
                 token, active = token[keep], active[keep]
             if step == max_new - 1:
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-            logits = self._forward(token[:, None], attention_mask, next_position[:, None], cache)
-            next_position = next_position + 1
+            logits = state.step(token)
 
         width = int(lengths.max())
         return tokens[:, :width], logprobs[:, :width], lengths, reasons
@@ -336,6 +339,44 @@ class HFRolloutEngine:
         id_lists = [ids[:length].tolist() for ids, length in zip(completion_ids, lengths.tolist())]
         texts = self.tokenizer.batch_decode(id_lists, skip_special_tokens=True)
         return [cut_at_stop(text, stop_strings) for text in texts]
+
+
+class _TransformersDecodeState:
+    """Decoding through the model's own transformers forward and a ``DynamicCache`` (any architecture)."""
+
+    def __init__(self, engine: HFRolloutEngine, cache, attention_mask, next_position):
+        self.engine, self.cache = engine, cache
+        self.attention_mask, self.next_position = attention_mask, next_position
+
+    @classmethod
+    def start(cls, engine: HFRolloutEngine, prompt_ids, prompt_mask, expand):
+        # Left padding shifts tokens right; positions must count real tokens only, so that a padded
+        # row sees the same rotary positions as the same prompt run alone.
+        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=engine.model.config)
+        logits = cls._forward(engine, prompt_ids, prompt_mask, position_ids, cache)[expand]
+        cache.batch_select_indices(expand)
+        return logits, cls(engine, cache, prompt_mask[expand], position_ids[expand, -1] + 1)
+
+    @staticmethod
+    def _forward(engine, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Last-position logits [b, V] of one forward pass that extends `cache` in place."""
+        kwargs = {engine._cache_kwarg: cache, "use_cache": True}
+        if engine._has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # never materialise [b, T, V] logits in the prefill
+        out = engine.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return out.logits[:, -1, :]
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.cache.batch_select_indices(index)
+        self.attention_mask, self.next_position = self.attention_mask[index], self.next_position[index]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(tokens), 1))], 1)
+        logits = self._forward(self.engine, tokens[:, None], self.attention_mask, self.next_position[:, None],
+                               self.cache)
+        self.next_position = self.next_position + 1
+        return logits
 
 
 def cut_at_stop(text: str, stop_strings) -> str:

@@ -1,0 +1,187 @@
+"""zerorl.lm.native computes the transformers forward's function, faster: logits, gradients, decoding and
+the GRPO loss on a fixed batch must match the plain implementation (issue 7: "same math", 1e-5)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from zerorl.config import TrainConfig
+from zerorl.lm.batch import RolloutBatch
+from zerorl.lm.forward import completion_logits
+from zerorl.lm.grpo import grpo_loss
+from zerorl.lm.lora import apply_lora
+from zerorl.lm.models import build_tiny_model, load_model_and_tokenizer
+from zerorl.lm.native import NativeDecoder, SwiGLUDown, unsupported_reason
+from zerorl.lm.rollout import HFRolloutEngine, SamplingParams
+
+
+def _qwen3(tmp_path):
+    """Qwen3 adds per-head RMSNorm on q and k; its config has no char-tokenizer builder, so take the
+    qwen2 directory's tokenizer and a random Qwen3 body."""
+    config = Qwen3Config(vocab_size=99, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3"])
+def model_and_tokenizer(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    arch = "qwen2" if request.param == "qwen3" else request.param
+    directory = build_tiny_model(tmp / "m", arch=arch, tokenizer="bpe" if arch == "llama" else "char",
+                                 hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    model, tokenizer = load_model_and_tokenizer(str(directory))
+    if request.param == "qwen3":
+        model = _qwen3(tmp)
+    return model.eval(), tokenizer
+
+
+def _random_batch(vocab: int, seed: int = 0):
+    """3 prompts of different lengths (left-padded) × 2 completions of lengths 9, 3, 1, 6, 9, 2."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt_lengths, completion_lengths = [7, 4, 5], [9, 3, 1, 6, 9, 2]
+    prompt_ids = torch.randint(1, vocab, (3, 7), generator=gen)
+    prompt_mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, length in enumerate(prompt_lengths):
+        prompt_mask[row, 7 - length:] = 1
+    rows = torch.arange(3).repeat_interleave(2)
+    completion_ids = torch.randint(1, vocab, (6, 9), generator=gen)
+    completion_mask = torch.zeros(6, 9, dtype=torch.long)
+    for row, length in enumerate(completion_lengths):
+        completion_mask[row, :length] = 1
+    return (prompt_ids * prompt_mask)[rows], prompt_mask[rows], completion_ids * completion_mask, completion_mask
+
+
+def test_logits_and_gradients_equal_the_transformers_forward(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    assert unsupported_reason(model) is None
+    batch = _random_batch(model.config.vocab_size)
+    mask = batch[3][..., None].bool()
+    plain = completion_logits(model, *batch)
+    native = completion_logits(model, *batch, native=NativeDecoder(model))
+    assert native.shape == plain.shape
+    assert torch.allclose(native.masked_fill(~mask, 0), plain.masked_fill(~mask, 0), atol=1e-5, rtol=0)
+
+    weights = torch.randn(plain.shape, generator=torch.Generator().manual_seed(1)) * mask
+    model.zero_grad()
+    (plain * weights).sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    (completion_logits(model, *batch, native=NativeDecoder(model)) * weights).sum().backward()
+    for name, p in model.named_parameters():
+        scale = expected[name].abs().max().clamp(min=1.0)
+        assert (p.grad - expected[name]).abs().max() / scale < 1e-5, name
+    model.zero_grad()
+
+
+def test_a_prompt_shared_by_its_group_gives_each_row_the_logits_it_would_get_alone(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    native = NativeDecoder(model)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _random_batch(model.config.vocab_size, seed=3)
+    together = native.completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    for row in (0, 3, 5):
+        alone = native.completion_logits(prompt_ids[row:row + 1], prompt_mask[row:row + 1],
+                                         completion_ids[row:row + 1], completion_mask[row:row + 1])
+        width = int(completion_mask[row].sum())
+        assert torch.allclose(together[row, :width], alone[0, :width], atol=1e-5, rtol=0)
+
+
+def test_native_decoding_samples_what_the_transformers_decoding_samples(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = ["12+34=", "7-5=", "100+1=?"]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, stop_strings=())
+    plain = HFRolloutEngine(model, tokenizer, native=False).generate(prompts, params, seed=3)
+    engine = HFRolloutEngine(model, tokenizer, native=True)
+    assert engine.native is not None
+    native = engine.generate(prompts, params, seed=3)
+    assert torch.equal(native.completion_ids, plain.completion_ids)
+    assert torch.equal(native.completion_mask, plain.completion_mask)
+    assert (native.sampling_logprobs - plain.sampling_logprobs).abs().max() < 1e-5
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, n=1, stop_strings=())
+    assert HFRolloutEngine(model, tokenizer, native=False).generate(prompts, greedy).completion_texts == \
+        engine.generate(prompts, greedy).completion_texts
+
+
+def test_the_grpo_loss_on_a_fixed_batch_equals_the_plain_implementation(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _random_batch(model.config.vocab_size, seed=5)
+    gen = torch.Generator().manual_seed(7)
+    batch = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                         completion_mask=completion_mask,
+                         sampling_logprobs=torch.zeros(completion_ids.shape), prompt_index=torch.arange(6) // 2)
+    batch.advantages = torch.randn(6, generator=gen)
+    with torch.no_grad():  # π_old and π_ref near π_θ, as in training: ratios around 1, some clipped
+        logprobs = torch.log_softmax(completion_logits(model, prompt_ids, prompt_mask, completion_ids,
+                                                       completion_mask) / 0.7, -1)
+        logprobs = logprobs.gather(-1, completion_ids[..., None]).squeeze(-1)
+    batch.old_logprobs = (logprobs + 0.3 * torch.randn(logprobs.shape, generator=gen)) * completion_mask
+    batch.ref_logprobs = (logprobs + 0.3 * torch.randn(logprobs.shape, generator=gen)) * completion_mask
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        config = TrainConfig(loss_type=loss_type, beta=0.04, temperature=0.7, max_completion_length=9).validate()
+        plain, plain_metrics = grpo_loss(model, batch, config, on_policy=False)
+        native, native_metrics = grpo_loss(model, batch, config, on_policy=False, native=NativeDecoder(model))
+        assert 0.01 < abs(plain.item()) < 10  # a loss of ordinary size, so 1e-5 is a strict tolerance
+        assert abs(native.item() - plain.item()) < 1e-5, loss_type
+        assert abs(float(native_metrics["kl"]) - float(plain_metrics["kl"])) < 1e-5
+
+
+def test_lora_wrapped_layers_run_as_modules(tmp_path):
+    directory = build_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    model, tokenizer = load_model_and_tokenizer(str(directory))
+    apply_lora(model, rank=4, alpha=8.0)
+    for name, p in model.named_parameters():  # make the adapters matter: B = 0 would hide a skipped adapter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    batch = _random_batch(model.config.vocab_size)
+    mask = batch[3][..., None].bool()
+    plain = completion_logits(model, *batch).masked_fill(~mask, 0)
+    native = completion_logits(model, *batch, native=NativeDecoder(model)).masked_fill(~mask, 0)
+    assert torch.allclose(native, plain, atol=1e-5, rtol=0)
+    params = SamplingParams(max_new_tokens=8, n=2, stop_strings=())
+    a = HFRolloutEngine(model, tokenizer, native=False).generate(["1+2="], params, seed=0)
+    b = HFRolloutEngine(model, tokenizer, native=True).generate(["1+2="], params, seed=0)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_unsupported_architectures_fall_back_to_the_transformers_forward(tmp_path):
+    from transformers import GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=2))
+    assert "gpt2" in unsupported_reason(gpt2)
+    with pytest.raises(ValueError, match="native_model=false"):
+        NativeDecoder(gpt2)
+    directory = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    _, tokenizer = load_model_and_tokenizer(str(directory))
+    engine = HFRolloutEngine(gpt2, tokenizer, native=True)
+    assert engine.native is None
+    out = engine.generate(["1+2="], SamplingParams(max_new_tokens=4, n=2, stop_strings=()), seed=0)
+    assert out.completion_ids.shape[0] == 2
+
+
+def test_swiglu_down_gradients_match_finite_differences():
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.randn(3, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    up = torch.randn(3, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, weight))
+    expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight)
+    assert torch.allclose(SwiGLUDown.apply(gate, up, weight), expected)
+
+
+def test_bf16_autocast_stays_close_to_float32(model_and_tokenizer):
+    """bf16 autocast is a different precision, not different math: log-probs within bf16 rounding."""
+    model, _ = model_and_tokenizer
+    native = NativeDecoder(copy.deepcopy(model))
+    batch = _random_batch(model.config.vocab_size, seed=9)
+    mask = batch[3].bool()
+    with torch.no_grad():
+        exact = torch.log_softmax(native.completion_logits(*batch).float(), -1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = native.completion_logits(*batch)
+        assert mixed.dtype == torch.bfloat16
+        mixed = torch.log_softmax(mixed.float(), -1)
+    assert (mixed - exact)[mask].abs().max() < 0.1

@@ -1,0 +1,357 @@
+"""A lean forward pass for Llama-family causal LMs (Llama, Qwen2, Qwen3), on the HF module's own weights.
+
+The transformers forward is general; a GRPO step on one machine pays for that generality three times:
+
+  * decoding: every new token goes through the generic forward (mask builders, cache objects, output
+    dataclasses). For a small model one decode step is almost all Python overhead;
+  * the reference and training passes encode each prompt once per completion, G times;
+  * padding: completions of different lengths are padded to the longest, and every padded position
+    is paid for in every linear layer (the linear layers are ~95% of the FLOPs).
+
+This module computes the same function (float32 logits equal the transformers forward to ~1e-6;
+tests/test_native.py) with:
+
+  * a static KV cache and a decode step of plain tensor ops, with each layer's q/k/v and gate/up
+    weights concatenated once per rollout so a step runs 4 matrix products per layer, not 7;
+  * ``completion_logits``: each distinct prompt of a batch encoded once; its keys and values are
+    shared by the completions that answer it (autograd sums their gradients back);
+  * packed tokens: the linear layers, norms and rotary embeddings see only real tokens; only the
+    attention product itself is laid out padded (a few percent of the FLOPs).
+
+No weight is copied or owned here: every call reads the parameters of the Hugging Face module, so
+optimizer steps, LoRA adapters (called as modules) and checkpoints (saved by transformers) need nothing.
+Architectures outside the family fall back to the transformers forward (``unsupported_reason``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot use the native forward (None when it can)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (only silu)"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return "sliding-window attention layers"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention_dropout > 0"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    if getattr(config, "mlp_bias", False):
+        return "mlp_bias"
+    base = getattr(model, "model", None)
+    if not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "not a *ForCausalLM with .model.{embed_tokens,layers,norm,rotary_emb}"
+    if not isinstance(getattr(model, "lm_head", None), nn.Linear):
+        return "lm_head is not an nn.Linear"
+    return None
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """RMSNorm as Llama/Qwen compute it: w · (x / sqrt(mean(x²) + ε)) in float32, cast back to x's dtype."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: x·cos + rotate_half(x)·sin, rotate_half(x) = (−x₂, x₁)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class SwiGLUDown(torch.autograd.Function):
+    """y = (silu(g) ⊙ u) Wᵀ, saving only g and u for backward: silu(g) ⊙ u (two MLP-wide tensors) is
+    recomputed there instead of kept, which cuts the MLP's saved activations from four tensors to two.
+
+        ∂y/∂W = gyᵀ a,   ga = gy W,   ∂/∂u = ga ⊙ silu(g),   ∂/∂g = ga ⊙ u ⊙ σ(g)(1 + g(1 − σ(g)))
+    where a = silu(g) ⊙ u and silu(g) = g σ(g).
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        sigmoid = torch.sigmoid(gate)
+        silu = gate * sigmoid
+        grad_a = grad_out @ weight
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ (silu * up).reshape(-1, up.shape[-1])
+        grad_up = grad_a * silu if ctx.needs_input_grad[1] else None
+        grad_gate = grad_a * up * (sigmoid * (1 + gate * (1 - sigmoid))) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up, grad_weight
+
+
+@dataclass
+class _Layout:
+    """Where the real tokens of a [rows, width] block sit, for packing and unpacking."""
+
+    rows: int
+    width: int
+    index: torch.Tensor  # [N] flat positions (row·width + column) of the real tokens
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> _Layout:
+        return cls(mask.shape[0], mask.shape[1], mask.reshape(-1).nonzero().squeeze(1))
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[rows, width, ...] → [N, ...]"""
+        return padded.reshape(self.rows * self.width, *padded.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[N, ...] → [rows, width, ...], zeros where there is no token."""
+        flat = packed.new_zeros(self.rows * self.width, *packed.shape[1:])
+        return flat.index_copy(0, self.index, packed).reshape(self.rows, self.width, *packed.shape[1:])
+
+
+class NativeDecoder:
+    """Lean forward passes over a Hugging Face Llama / Qwen2 / Qwen3 causal LM's parameters."""
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"NativeDecoder: {reason}; use the transformers forward (native_model=false).")
+        config = model.config
+        self.model = model
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = self.head_dim ** -0.5
+        base = model.model
+        self.embed, self.layers, self.final_norm, self.rotary = base.embed_tokens, base.layers, base.norm, \
+            base.rotary_emb
+        self.lm_head = model.lm_head
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+
+    # ------------------------------------------------------------------------------------------
+    # Building blocks shared by the training forward and the prefill (packed tokens, module calls)
+    # ------------------------------------------------------------------------------------------
+    def _qkv(self, attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Packed h [N, D] → rotated q [N, H, d], k [N, Hkv, d] and v [N, Hkv, d]."""
+        n = h.shape[0]
+        q = attn.q_proj(h).view(n, self.num_heads, self.head_dim)
+        k = attn.k_proj(h).view(n, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = rms_norm(q, attn.q_norm), rms_norm(k, attn.k_norm)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+        down = mlp.down_proj
+        if torch.is_grad_enabled() and type(down) is nn.Linear and down.bias is None \
+                and not torch.is_autocast_enabled(h.device.type):
+            return SwiGLUDown.apply(gate, up, down.weight)
+        return down(F.silu(gate) * up)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, d] for packed positions [N] (the model's own rotary module: any RoPE scaling)."""
+        cos, sin = self.rotary(x[None], positions[None])
+        return cos[0, :, None, :], sin[0, :, None, :]
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ/√d + mask) v for padded q [B, H, T, d], keys/values [B, Hkv, S, d], mask [B, 1, T, S]."""
+        if self.group > 1:  # grouped-query attention: query head h reads key/value head h // group
+            keys = keys.repeat_interleave(self.group, dim=1)
+            values = values.repeat_interleave(self.group, dim=1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+
+    def _block(self, layer: nn.Module, x: torch.Tensor, layout: _Layout, cos, sin, mask,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """One decoder layer over packed x [N, D]; returns (x, k, v) with k, v padded [B, Hkv, T, d]."""
+        attn = layer.self_attn
+        q, k, v = self._qkv(attn, rms_norm(x, layer.input_layernorm), cos, sin)
+        q, k, v = (layout.unpack(t).transpose(1, 2) for t in (q, k, v))
+        keys, values = (k, v) if prefix is None else (torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2))
+        out = self._attend(q, keys, values, mask).transpose(1, 2)  # [B, T, H, d]
+        x = x + attn.o_proj(layout.pack(out).reshape(x.shape[0], -1))
+        x = x + self._mlp(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
+        return x, k, v
+
+    def encode_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """Run left-padded prompts [P, Lp]; return (last hidden [P, D] before the final norm, per-layer (k, v)).
+
+        k, v are [P, Hkv, Lp, d] with zeros at padding. A padding position attends only to itself, so
+        no softmax row is empty (an empty row would be NaN and poison the masked keys through 0·NaN).
+        """
+        mask = prompt_mask.bool()
+        layout = _Layout.from_mask(mask)
+        positions = layout.pack((mask.long().cumsum(1) - 1).clamp(min=0))
+        x = self.embed(layout.pack(prompt_ids))
+        cos, sin = self._rope(x, positions)
+        width = mask.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+        attn_mask = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=mask.device)
+        attn_mask = attn_mask[:, None]  # [P, 1, Lp, Lp]
+        cache = []
+        for layer in self.layers:
+            x, k, v = self._block(layer, x, layout, cos, sin, attn_mask)
+            cache.append((k, v))
+        # Left padding: the last column holds each prompt's last real token.
+        last = layout.unpack(x)[:, -1]
+        return last, cache
+
+    # ------------------------------------------------------------------------------------------
+    # Training / reference: logits of every completion token, prompts shared, tokens packed
+    # ------------------------------------------------------------------------------------------
+    def completion_logits(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                          completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, Lc, V] predicting each completion token: the same numbers as
+        ``zerorl.lm.forward.completion_logits`` with the transformers forward (zeros where the mask is 0).
+
+        Rows with identical prompts (a GRPO group) share one encoding of that prompt.
+        """
+        unique_prompts, row_prompt = torch.unique(prompt_ids * prompt_mask - (1 - prompt_mask), dim=0,
+                                                  return_inverse=True)
+        first_row = torch.zeros(len(unique_prompts), dtype=torch.long, device=row_prompt.device)
+        first_row.scatter_(0, row_prompt, torch.arange(len(row_prompt), device=row_prompt.device))
+        p_ids, p_mask = prompt_ids[first_row], prompt_mask[first_row]
+        keep = p_mask.any(0).nonzero()
+        start = int(keep[0]) if len(keep) else 0
+        p_ids, p_mask = p_ids[:, start:], p_mask[:, start:]
+        prompt_last, prompt_cache = self.encode_prompts(p_ids, p_mask)
+
+        # Completion inputs o_0 .. o_{Lc-2}: input t is needed iff token t+1 is real.
+        rows, length = completion_ids.shape
+        targets = completion_mask.bool()
+        hidden_columns = [prompt_last[row_prompt][:, None, :]]  # predicts o_0
+        if length > 1:
+            input_mask = targets[:, 1:]
+            layout = _Layout.from_mask(input_mask)
+            prompt_lengths = p_mask.sum(1)[row_prompt]
+            positions = layout.pack(prompt_lengths[:, None] + torch.arange(length - 1, device=targets.device))
+            x = self.embed(layout.pack(completion_ids[:, :-1]))
+            cos, sin = self._rope(x, positions)
+            width = length - 1
+            causal = torch.ones(width, width, dtype=torch.bool, device=targets.device).tril()
+            key_prompt = p_mask.bool()[row_prompt][:, None, :].expand(rows, width, -1)
+            attn_mask = torch.cat([key_prompt, causal[None].expand(rows, -1, -1)], dim=2)[:, None]
+            for layer, (pk, pv) in zip(self.layers, prompt_cache):
+                x, _, _ = self._block(layer, x, layout, cos, sin, attn_mask, prefix=(pk[row_prompt], pv[row_prompt]))
+            hidden_columns.append(layout.unpack(x))
+        hidden = torch.cat(hidden_columns, dim=1)  # [B, Lc, D]
+        target_layout = _Layout.from_mask(targets)
+        logits = self.lm_head(rms_norm(target_layout.pack(hidden), self.final_norm))
+        return target_layout.unpack(logits)
+
+    # ------------------------------------------------------------------------------------------
+    # Decoding: static KV cache, fused weights, one token per row per step
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start_decoding(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, row_prompt: torch.Tensor,
+                       max_new_tokens: int) -> tuple[torch.Tensor, DecodeState]:
+        """Prefill the distinct prompts once; return (next-token logits per row [b, V], the decode state)."""
+        last, prompt_cache = self.encode_prompts(prompt_ids, prompt_mask)
+        logits = self.lm_head(rms_norm(last, self.final_norm))[row_prompt]
+        return logits, DecodeState(self, prompt_cache, prompt_mask, row_prompt, max_new_tokens)
+
+
+def _fused(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(concatenated weight, concatenated bias) of plain nn.Linear layers that read the same input."""
+    if not all(type(m) is nn.Linear for m in modules):
+        return None  # e.g. LoRA-wrapped layers: call them as modules
+    weight = torch.cat([m.weight for m in modules])
+    if all(m.bias is None for m in modules):
+        return weight, None
+    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    return weight, bias
+
+
+class DecodeState:
+    """The KV cache of rows being decoded: [b, Hkv, Lp + max_new, d] per layer, one column per step.
+
+    All active rows write the same column at each step (finished rows leave the batch), so the key
+    mask is the prompt's padding mask followed by ones.
+    """
+
+    def __init__(self, decoder: NativeDecoder, prompt_cache, prompt_mask, row_prompt, max_new_tokens: int):
+        self.decoder = decoder
+        prompt_width = prompt_mask.shape[1]
+        rows = len(row_prompt)
+        self.column = prompt_width
+        self.keys, self.values = [], []
+        for k, v in prompt_cache:
+            shape = (rows, k.shape[1], prompt_width + max_new_tokens, k.shape[3])
+            keys, values = k.new_empty(shape), v.new_empty(shape)
+            keys[:, :, :prompt_width], values[:, :, :prompt_width] = k[row_prompt], v[row_prompt]
+            self.keys.append(keys)
+            self.values.append(values)
+        self.key_mask = torch.cat([prompt_mask.bool()[row_prompt],
+                                   prompt_mask.new_ones(rows, max_new_tokens, dtype=torch.bool)], dim=1)
+        self.positions = prompt_mask.sum(1)[row_prompt]  # position of the first generated token
+        self.has_padding = not bool(prompt_mask.bool().all())
+        self.weights = []
+        for layer in decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.weights.append((_fused([attn.q_proj, attn.k_proj, attn.v_proj]),
+                                 _fused([mlp.gate_proj, mlp.up_proj])))
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only rows ``index`` (the others finished)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.key_mask, self.positions = self.key_mask[index], self.positions[index]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [b]; return the next-token logits [b, V]."""
+        d = self.decoder
+        rows, column = tokens.shape[0], self.column
+        x = d.embed(tokens)
+        cos, sin = d.rotary(x[:, None], self.positions[:, None])  # [b, 1, d]: broadcasts over heads
+        q_width, kv_width = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        mask = None
+        if self.has_padding:
+            mask = torch.zeros(self.key_mask[:, : column + 1].shape, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(~self.key_mask[:, : column + 1], float("-inf"))[:, None, None, :]
+        for layer, keys, values, (qkv_w, gate_up_w) in zip(d.layers, self.keys, self.values, self.weights):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = rms_norm(x, layer.input_layernorm)
+            if qkv_w is not None:
+                q, k, v = F.linear(h, *qkv_w).split([q_width, kv_width, kv_width], dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.view(rows, d.num_heads, d.head_dim)
+            k = k.view(rows, d.num_kv_heads, d.head_dim)
+            if d.qk_norm:
+                q, k = rms_norm(q, attn.q_norm), rms_norm(k, attn.k_norm)
+            keys[:, :, column] = rotate(k, cos, sin)
+            values[:, :, column] = v.view(rows, d.num_kv_heads, d.head_dim)
+            # Grouped query heads [b, Hkv, group, d] against their shared key/value head.
+            q = rotate(q, cos, sin).view(rows, d.num_kv_heads, d.group, d.head_dim) * d.scale
+            scores = q @ keys[:, :, : column + 1].transpose(2, 3)  # [b, Hkv, group, S]
+            if mask is not None:
+                scores = scores + mask
+            out = scores.softmax(-1) @ values[:, :, : column + 1]
+            x = x + attn.o_proj(out.reshape(rows, q_width))
+            h = rms_norm(x, layer.post_attention_layernorm)
+            if gate_up_w is not None:
+                gate, up = F.linear(h, *gate_up_w).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(F.silu(gate) * up)
+        self.column += 1
+        self.positions = self.positions + 1
+        return d.lm_head(rms_norm(x, d.final_norm))
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "NativeDecoder", "SwiGLUDown", "rms_norm", "rotate",
+           "unsupported_reason"]
