@@ -104,6 +104,7 @@ class StepWork:
     prompt_tokens: int  # Σ over the P unique prompts
     completion_tokens: int  # Σ over the B = P · G completions
     with_reference: bool = True
+    prompt_shared: bool = False  # each prompt encoded once per group in the reference/training passes (zerorl)
 
     @property
     def completions(self) -> int:
@@ -111,7 +112,10 @@ class StepWork:
 
     @property
     def sequence_tokens(self) -> int:
-        """Σ over the B completions of (prompt + completion) tokens: what one forward over the batch sees."""
+        """Tokens one forward over the batch computes: Σ over the B completions of (prompt + completion)
+        tokens, or with prompt_shared each prompt once plus the completions (zerorl.lm.native)."""
+        if self.prompt_shared:
+            return self.prompt_tokens + self.completion_tokens
         return self.generations * self.prompt_tokens + self.completion_tokens
 
     def phases(self) -> list[tuple[str, int, float, int]]:
@@ -215,7 +219,7 @@ def floor_seconds(rows: list[FloorRow], dtype: str = "fp32") -> float:
 
 def arithmetic_work(tokenizer, prompts: int = 8, generations: int = 8, completion_tokens: float | None = None,
                     completion_length: int = 32, steps: int = 6, template: str = "compact",
-                    with_reference: bool = True) -> StepWork:
+                    with_reference: bool = True, prompt_shared: bool = False) -> StepWork:
     """Mean prompt tokens of the first `steps` steps of `zerorl train --task arithmetic` (seed 0), with
     `completion_tokens` per step (None: every completion runs to `completion_length`)."""
     sys.path.insert(0, str(REPO_ROOT))
@@ -226,7 +230,8 @@ def arithmetic_work(tokenizer, prompts: int = 8, generations: int = 8, completio
     total = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
     if completion_tokens is None:
         completion_tokens = prompts * generations * completion_length
-    return StepWork(prompts, generations, round(total / steps), round(completion_tokens), with_reference)
+    return StepWork(prompts, generations, round(total / steps), round(completion_tokens), with_reference,
+                    prompt_shared)
 
 
 def format_table(shape: ModelShape, work: StepWork, rows: list[FloorRow], dtypes: list[str],

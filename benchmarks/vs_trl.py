@@ -227,7 +227,8 @@ def format_model_table(name: str, stats: dict[str, dict], floor_s: dict[str, flo
                  f"{s['seconds_per_step']:.3f} ({s['min_step']:.3f}–{s['max_step']:.3f})",
                  f"{s['tokens_per_step']:.0f}", f"{s['tokens_per_second']:,.0f}", _rss(s)]
         if floor_s:
-            cells.append(f"{floor_s[system] / s['seconds_per_step']:.1%}")
+            # An fp32 floor says nothing of a bf16 run.
+            cells.append("—" if system == "zerorl-bf16" else f"{floor_s[system] / s['seconds_per_step']:.1%}")
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     z = stats["zerorl"]
     speed = z["tokens_per_second"] / fastest["tokens_per_second"]
@@ -238,7 +239,16 @@ def format_model_table(name: str, stats: dict[str, dict], floor_s: dict[str, flo
     lines.append(f"**{name}: zerorl / TRL-best completion tokens/s = {speed:.2f}×** (vs {best_speed}; target ≥ "
                  f"{3.0 if '1.0m' in name else 1.5}×); **peak RSS zerorl / TRL-leanest = {memory:.2f}** (vs "
                  f"{best_memory}; target ≤ 0.70)"
-                 + (f"; fp32 FLOP floor of zerorl's step {floor_s['zerorl']:.3f} s" if floor_s else ""))
+                 + (f"; fp32 FLOP floor of the step {floor_s['zerorl']:.3f} s (prompt re-encoded per completion, "
+                    f"as TRL computes it); of zerorl's own FLOPs (each prompt once per group) "
+                    f"{floor_s['zerorl-own-flops']:.3f} s, zerorl at "
+                    f"{floor_s['zerorl-own-flops'] / z['seconds_per_step']:.1%} of it" if floor_s else ""))
+    if "zerorl-bf16" in stats:
+        bf16 = stats["zerorl-bf16"]
+        lines.append("")
+        lines.append(f"**{name}, bf16 autocast: zerorl-bf16 / TRL-best (fp32) completion tokens/s = "
+                     f"{bf16['tokens_per_second'] / fastest['tokens_per_second']:.2f}×** (target ≥ 2.5× on the "
+                     f"31.5M model); peak RSS / TRL-leanest = {bf16['rss_max'] / leanest['rss_max']:.2f}")
     return "\n".join(lines)
 
 
@@ -248,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="steps per run; the first is a warm-up")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of [TRL on, zerorl, TRL off, zerorl]")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", action="store_true", help="skip zerorl with bf16 autocast (bf16=true)")
     parser.add_argument("--no-floor", action="store_true", help="skip the fp32 FLOP-floor column (floor.py)")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -260,14 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, model_dir in model_dirs.items():
         runs: dict[str, list[dict]] = {"trl-ckpt-on": [], "trl-ckpt-off": [], "zerorl": []}
         order = [("trl-ckpt-on", True), ("zerorl", None), ("trl-ckpt-off", False), ("zerorl", None)]
+        if not args.no_bf16:  # reported beside: bf16 autocast over float32 weights, not the same precision
+            runs["zerorl-bf16"] = []
+            order.insert(2, ("zerorl-bf16", None))
         for round_index in range(args.rounds):
             for index, (system, checkpointing) in enumerate(order):
                 tag = f"{name}-{system}-r{round_index}-{index}"
                 print(f"[{name}] {system} (round {round_index + 1}/{args.rounds}) ...", flush=True)
-                if system == "zerorl":
+                if system.startswith("zerorl"):
                     result = run_zerorl(model_dir, settings.steps, settings.threads, settings.prompts,
                                         settings.generations, settings.completion_length, settings.beta,
-                                        settings.learning_rate, tag=tag)
+                                        settings.learning_rate, tag=tag,
+                                        extra=("bf16=true",) if system == "zerorl-bf16" else ())
                 else:
                     result = run_trl(model_dir, checkpointing, settings, tag)
                 result["load_average_after"] = os.getloadavg()[0]
@@ -282,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             cache: dict = {}  # GEMM rates measured once per model, reused for each system's token count
             floor_s = {system: _fp32_floor(model_dir, settings, s["tokens_per_step"], cache)
                        for system, s in stats.items()}
+            floor_s["zerorl-own-flops"] = _fp32_floor(model_dir, settings, stats["zerorl"]["tokens_per_step"],
+                                                      cache, prompt_shared=True)
         raw[name] = {"runs": runs, "stats": stats, "fp32_floor_s": floor_s}
         sections.append(f"### {name}\n\n" + format_model_table(name, stats, floor_s))
         print("\n" + sections[-1] + "\n", flush=True)
@@ -300,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{settings.generations}, "
               f"{settings.completion_length} new tokens, β = {settings.beta}, μ = 1, loss_type grpo, fp32, "
               f"arithmetic prompts (compact template), rewards accuracy + format; {settings.steps} steps per "
-              "run, the first not timed; order per round: TRL ckpt on, zerorl, TRL ckpt off, zerorl, each in a "
-              "fresh process.")
+              "run, the first not timed; order per round: TRL ckpt on, zerorl, "
+              + ("" if args.no_bf16 else "zerorl bf16=true (autocast; reported beside), ")
+              + "TRL ckpt off, zerorl, each in a fresh process; zerorl with its defaults (native forward, "
+              "micro_batch_size 16).")
     WORK_DIR.mkdir(exist_ok=True)
     (WORK_DIR / "vs_trl_latest.json").write_text(json.dumps({"header": header, "models": raw}, indent=2))
     print(header)
@@ -314,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fp32_floor(model_dir: Path, settings: Settings, completion_tokens: float, cache: dict) -> float:
-    """fp32 FLOP floor of one step with `completion_tokens` on this machine (benchmarks/floor.py)."""
+def _fp32_floor(model_dir: Path, settings: Settings, completion_tokens: float, cache: dict,
+                prompt_shared: bool = False) -> float:
+    """fp32 FLOP floor of one step with `completion_tokens` on this machine (benchmarks/floor.py);
+    `prompt_shared`: the FLOPs zerorl's native forward does (each prompt once per group)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -326,7 +347,7 @@ def _fp32_floor(model_dir: Path, settings: Settings, completion_tokens: float, c
     shape = floor.ModelShape.from_model_dir(model_dir)
     work = floor.arithmetic_work(AutoTokenizer.from_pretrained(model_dir), settings.prompts, settings.generations,
                                  completion_tokens, settings.completion_length, steps=settings.steps,
-                                 with_reference=settings.beta > 0)
+                                 with_reference=settings.beta > 0, prompt_shared=prompt_shared)
     return floor.floor_seconds(floor.step_floor(shape, work, ["fp32"], repeats=3, cache=cache), "fp32")
 
 

@@ -142,3 +142,38 @@ def test_grpo_loss_matches_the_plain_formula(base_model):
             per_token = per_token + (-surrogate + 0.04 * kl)
         total = total + per_token / n
     assert torch.allclose(loss, total / 2, atol=1e-5)
+
+
+def test_an_out_of_process_engine_gets_the_weights_after_every_update(base_model, tmp_path, monkeypatch):
+    """use_vllm: the trainer must push the policy's weights to the engine after each optimizer step. A
+    stand-in with vLLM's constructor and its own copy of the model (as a vLLM worker holds) records the
+    syncs; without them it would keep sampling from the base weights."""
+    import zerorl.lm.vllm_engine as vllm_engine
+    from zerorl.lm.models import load_model_and_tokenizer
+    from zerorl.lm.rollout import HFRolloutEngine
+
+    syncs = []
+
+    class EngineWithItsOwnWeights:
+        def __init__(self, model_path, tokenizer, dtype="auto", gpu_memory_utilization=0.3, seed=0):
+            self.copy, _ = load_model_and_tokenizer(str(model_path))
+            self.inner = HFRolloutEngine(self.copy, tokenizer)
+
+        def generate(self, prompts, params, seed=None):
+            return self.inner.generate(prompts, params, seed)
+
+        @torch.no_grad()
+        def sync_weights(self, model):
+            self.copy.load_state_dict(model.state_dict())
+            syncs.append(1)
+
+    monkeypatch.setattr(vllm_engine, "VLLMRolloutEngine", EngineWithItsOwnWeights)
+    train(_config(base_model, tmp_path / "vllm", max_steps=3, eval_at_start=False, eval_at_end=False,
+                  use_vllm=True, learning_rate=1e-3))
+    assert len(syncs) == 3
+    # The same run with the in-process engine samples the same completions (same weights at every step).
+    train(_config(base_model, tmp_path / "hf", max_steps=3, eval_at_start=False, eval_at_end=False,
+                  learning_rate=1e-3))
+    with_sync, in_process = _metrics(tmp_path / "vllm"), _metrics(tmp_path / "hf")
+    assert [r["reward"] for r in with_sync] == [r["reward"] for r in in_process]
+    assert [r["completions/mean_length"] for r in with_sync] == [r["completions/mean_length"] for r in in_process]

@@ -185,3 +185,18 @@ def test_bf16_autocast_stays_close_to_float32(model_and_tokenizer):
         assert mixed.dtype == torch.bfloat16
         mixed = torch.log_softmax(mixed.float(), -1)
     assert (mixed - exact)[mask].abs().max() < 0.1
+
+
+def test_bf16_autocast_decoding_samples_valid_tokens_with_their_logprobs(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = HFRolloutEngine(model, tokenizer, autocast_dtype=torch.bfloat16)
+    out = engine.generate(["12+34=", "7-5="], SamplingParams(max_new_tokens=10, n=3, stop_strings=()), seed=0)
+    mask = out.completion_mask.bool()
+    assert out.completion_ids.shape[0] == 6 and mask.any()
+    assert torch.isfinite(out.sampling_logprobs).all() and (out.sampling_logprobs[mask] <= 0).all()
+    # The reported log-probs are those of the bf16 forward: a float32 re-scoring agrees to bf16 rounding.
+    with torch.no_grad():
+        rescored = torch.log_softmax(completion_logits(model, out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                                       out.completion_mask), -1)
+    rescored = rescored.gather(-1, out.completion_ids[..., None]).squeeze(-1)
+    assert (rescored - out.sampling_logprobs)[mask].abs().max() < 0.15

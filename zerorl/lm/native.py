@@ -264,15 +264,22 @@ class NativeDecoder:
         return logits, DecodeState(self, prompt_cache, prompt_mask, row_prompt, max_new_tokens)
 
 
-def _fused(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(concatenated weight, concatenated bias) of plain nn.Linear layers that read the same input."""
+def _fused(modules: list[nn.Module], dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(concatenated weight, concatenated bias) of plain nn.Linear layers that read the same input, cast
+    to ``dtype`` when given (autocast would otherwise cast every weight again at every decode step)."""
     if not all(type(m) is nn.Linear for m in modules):
         return None  # e.g. LoRA-wrapped layers: call them as modules
-    weight = torch.cat([m.weight for m in modules])
-    if all(m.bias is None for m in modules):
-        return weight, None
-    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    weight = modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    if dtype is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     return weight, bias
+
+
+def _linear(x: torch.Tensor, fused, module: nn.Module) -> torch.Tensor:
+    return F.linear(x.to(fused[0].dtype), *fused) if fused is not None else module(x)
 
 
 class DecodeState:
@@ -298,11 +305,14 @@ class DecodeState:
                                    prompt_mask.new_ones(rows, max_new_tokens, dtype=torch.bool)], dim=1)
         self.positions = prompt_mask.sum(1)[row_prompt]  # position of the first generated token
         self.has_padding = not bool(prompt_mask.bool().all())
-        self.weights = []
+        device_type = prompt_mask.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        self.weights = []  # per layer: q|k|v, o, gate|up, down as (weight, bias), None = call the module
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.weights.append((_fused([attn.q_proj, attn.k_proj, attn.v_proj]),
-                                 _fused([mlp.gate_proj, mlp.up_proj])))
+            self.weights.append((_fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype), _fused([attn.o_proj], dtype),
+                                 _fused([mlp.gate_proj, mlp.up_proj], dtype), _fused([mlp.down_proj], dtype)))
+        self.lm_head = _fused([decoder.lm_head], dtype)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (the others finished)."""
@@ -322,11 +332,11 @@ class DecodeState:
         if self.has_padding:
             mask = torch.zeros(self.key_mask[:, : column + 1].shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(~self.key_mask[:, : column + 1], float("-inf"))[:, None, None, :]
-        for layer, keys, values, (qkv_w, gate_up_w) in zip(d.layers, self.keys, self.values, self.weights):
+        for layer, keys, values, (qkv, o, gate_up, down) in zip(d.layers, self.keys, self.values, self.weights):
             attn, mlp = layer.self_attn, layer.mlp
             h = rms_norm(x, layer.input_layernorm)
-            if qkv_w is not None:
-                q, k, v = F.linear(h, *qkv_w).split([q_width, kv_width, kv_width], dim=-1)
+            if qkv is not None:
+                q, k, v = _linear(h, qkv, None).split([q_width, kv_width, kv_width], dim=-1)
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             q = q.view(rows, d.num_heads, d.head_dim)
@@ -341,16 +351,16 @@ class DecodeState:
             if mask is not None:
                 scores = scores + mask
             out = scores.softmax(-1) @ values[:, :, : column + 1]
-            x = x + attn.o_proj(out.reshape(rows, q_width))
+            x = x + _linear(out.reshape(rows, q_width), o, attn.o_proj)
             h = rms_norm(x, layer.post_attention_layernorm)
-            if gate_up_w is not None:
-                gate, up = F.linear(h, *gate_up_w).chunk(2, dim=-1)
+            if gate_up is not None:
+                gate, up = _linear(h, gate_up, None).chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-            x = x + mlp.down_proj(F.silu(gate) * up)
+            x = x + _linear(F.silu(gate) * up, down, mlp.down_proj)
         self.column += 1
         self.positions = self.positions + 1
-        return d.lm_head(rms_norm(x, d.final_norm))
+        return _linear(rms_norm(x, d.final_norm), self.lm_head, d.lm_head)
 
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "NativeDecoder", "SwiGLUDown", "rms_norm", "rotate",
