@@ -9,8 +9,9 @@ What it does:
      vocabulary: ~1.0M and ~31.5M parameters) unless they exist;
   2. creates benchmarks/.venv-trl (python -m venv; torch==2.13.0 CPU first, so pip never pulls a CUDA
      build, then trl==1.16.0) unless it already holds those versions;
-  3. per model, runs in fresh processes, alternating: TRL with gradient checkpointing on, zerorl, TRL
-     with it off, zerorl (× --rounds), so that a change in machine load hits every system alike;
+  3. per model, runs in fresh processes, alternating: TRL with gradient checkpointing on, zerorl,
+     zerorl with bf16=true (autocast, reported beside; --no-bf16 skips it), TRL with it off, zerorl
+     (× --rounds), so that a change in machine load hits every system alike;
   4. prints s/step, completion tokens/s and peak RSS per system, and the ratios against TRL at its best
      (speed against its faster setting, memory against its leaner one); appends them to RESULTS.md.
 
@@ -240,9 +241,11 @@ def format_model_table(name: str, stats: dict[str, dict], floor_s: dict[str, flo
                  f"{3.0 if '1.0m' in name else 1.5}×); **peak RSS zerorl / TRL-leanest = {memory:.2f}** (vs "
                  f"{best_memory}; target ≤ 0.70)"
                  + (f"; fp32 FLOP floor of the step {floor_s['zerorl']:.3f} s (prompt re-encoded per completion, "
-                    f"as TRL computes it); of zerorl's own FLOPs (each prompt once per group) "
-                    f"{floor_s['zerorl-own-flops']:.3f} s, zerorl at "
-                    f"{floor_s['zerorl-own-flops'] / z['seconds_per_step']:.1%} of it" if floor_s else ""))
+                    "as TRL computes it)" if floor_s else ""))
+    if floor_s and "zerorl-own-flops" in floor_s:
+        own = floor_s["zerorl-own-flops"]
+        lines[-1] += (f"; of zerorl's own FLOPs (each prompt once per group) {own:.3f} s, zerorl at "
+                      f"{own / z['seconds_per_step']:.1%} of it")
     if "zerorl-bf16" in stats:
         bf16 = stats["zerorl-bf16"]
         lines.append("")

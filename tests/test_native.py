@@ -34,7 +34,7 @@ def model_and_tokenizer(request, tmp_path_factory):
     arch = "qwen2" if request.param == "qwen3" else request.param
     directory = build_tiny_model(tmp / "m", arch=arch, tokenizer="bpe" if arch == "llama" else "char",
                                  hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-    model, tokenizer = load_model_and_tokenizer(str(directory))
+    model, tokenizer = load_model_and_tokenizer(str(directory), native=False)  # the transformers model
     if request.param == "qwen3":
         model = _qwen3(tmp)
     return model.eval(), tokenizer
@@ -131,7 +131,7 @@ def test_the_grpo_loss_on_a_fixed_batch_equals_the_plain_implementation(model_an
 
 def test_lora_wrapped_layers_run_as_modules(tmp_path):
     directory = build_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-    model, tokenizer = load_model_and_tokenizer(str(directory))
+    model, tokenizer = load_model_and_tokenizer(str(directory), native=False)
     apply_lora(model, rank=4, alpha=8.0)
     for name, p in model.named_parameters():  # make the adapters matter: B = 0 would hide a skipped adapter
         if "lora_B" in name:

@@ -23,7 +23,7 @@ PROMPTS = ["What is 7+8?", "Hi", "Using the numbers [3, 5, 9], make 17. Think fi
 def engine(request, tmp_path_factory):
     arch, tok = request.param
     path = build_tiny_model(tmp_path_factory.mktemp(arch) / "m", arch=arch, tokenizer=tok, seed=1, **SMALL)
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(path, native=False)  # transformers generate() is the reference
     return HFRolloutEngine(model, tokenizer)
 
 

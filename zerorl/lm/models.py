@@ -28,7 +28,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -265,7 +264,12 @@ def build_tiny_model(
         pad_token_id=pad_id,
         tie_word_embeddings=(arch == "qwen2") if tie_word_embeddings is None else tie_word_embeddings,
     )
-    config = Qwen2Config(**config_kwargs) if arch == "qwen2" else LlamaConfig(**config_kwargs)
+    if arch == "qwen2":
+        config = Qwen2Config(**config_kwargs)
+    else:
+        from transformers import LlamaConfig  # imported here: its module pulls in ~55 MB (sympy, dynamo)
+
+        config = LlamaConfig(**config_kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -306,8 +310,13 @@ def load_model_and_tokenizer(
     dtype: str = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    native: bool = True,
 ):
     """Load `(model, tokenizer)` from a local directory or a hub id.
+
+    `native=True` builds a local Llama / Qwen2 / Qwen3 safetensors checkpoint with zerorl's own module
+    (``zerorl.lm.native_model``: same names, files and function, without transformers' modeling code);
+    other models, hub ids and `native=False` load with transformers' AutoModelForCausalLM.
 
     The tokenizer always has a pad token (falls back to eos, with a warning) and pads on the left,
     which is what batched generation needs. Raises ModelNotFoundError for a missing local path, a
@@ -334,9 +343,15 @@ def load_model_and_tokenizer(
         source = name  # a hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        model = None
+        if native and local.exists():
+            from zerorl.lm.native_model import load_native_model
+
+            model = load_native_model(source, dtype=torch_dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
     except OSError as error:
         if source != name:  # local directory: a broken checkpoint is not a "not found" problem
             raise

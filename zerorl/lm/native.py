@@ -156,7 +156,7 @@ class NativeDecoder:
     def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
         gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         down = mlp.down_proj
-        if torch.is_grad_enabled() and type(down) is nn.Linear and down.bias is None \
+        if torch.is_grad_enabled() and isinstance(down, nn.Linear) and down.bias is None \
                 and not torch.is_autocast_enabled(h.device.type):
             return SwiGLUDown.apply(gate, up, down.weight)
         return down(F.silu(gate) * up)
@@ -208,6 +208,24 @@ class NativeDecoder:
         # Left padding: the last column holds each prompt's last real token.
         last = layout.unpack(x)[:, -1]
         return last, cache
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D] of a padded batch, as a transformers base model returns its
+        last_hidden_state (zeros at padding). Padding may sit on the left and on the right of each row."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        layout = _Layout.from_mask(mask)
+        if position_ids is None:
+            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        positions = layout.pack(position_ids)
+        x = self.embed(layout.pack(input_ids))
+        cos, sin = self._rope(x, positions)
+        width = mask.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+        attn_mask = ((causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=mask.device))
+        for layer in self.layers:
+            x, _, _ = self._block(layer, x, layout, cos, sin, attn_mask[:, None])
+        return layout.unpack(rms_norm(x, self.final_norm))
 
     # ------------------------------------------------------------------------------------------
     # Training / reference: logits of every completion token, prompts shared, tokens packed
@@ -267,7 +285,7 @@ class NativeDecoder:
 def _fused(modules: list[nn.Module], dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(concatenated weight, concatenated bias) of plain nn.Linear layers that read the same input, cast
     to ``dtype`` when given (autocast would otherwise cast every weight again at every decode step)."""
-    if not all(type(m) is nn.Linear for m in modules):
+    if not all(isinstance(m, nn.Linear) for m in modules):
         return None  # e.g. LoRA-wrapped layers: call them as modules
     weight = modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
     bias = None

@@ -176,7 +176,10 @@ class HFRolloutEngine:
         if getattr(self, "model", None) is model:
             return  # same module: its updated weights are read live
         self.model = model
-        self.native = NativeDecoder(model) if self.use_native and unsupported_reason(model) is None else None
+        # zerorl's own model class has no KV-cache forward: it always decodes natively.
+        own_model = type(model).__name__ == "NativeCausalLM"
+        self.native = NativeDecoder(model) if (self.use_native or own_model) and unsupported_reason(model) is None \
+            else None
         forward_params = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values -> cache; pass whichever this model takes.
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
