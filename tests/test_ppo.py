@@ -242,6 +242,12 @@ def test_compare_table_and_per_algorithm_overrides():
     assert per_algo["ppo"]["num_iterations"] == "2"  # the PPO recipe's default survives other overrides
     with pytest.raises(ConfigError, match="prefix"):
         _split_overrides(["sac.lr=1"], ["grpo"])
+    # Every shipped recipe is a valid TrainConfig.
+    from zerorl.lm.compare import DEFAULT_RECIPES
+
+    configs = {a: build_config(TrainConfig, None, {**r, "algo": a}) for a, r in DEFAULT_RECIPES.items()}
+    assert configs["trpo"].trpo_advantages == "gae" and configs["trpo"].max_kl == 0.001
+    assert configs["ppo"].critic_learning_rate == configs["trpo"].critic_learning_rate == 1e-3
 
     before = {"accuracy_sampled": 0.40, "accuracy_greedy": 0.80}
     common = {"step_time_median": 1.0, "start_rss_kib": 1000}

@@ -1,5 +1,6 @@
 """TRPO for LMs: every accepted step stays within δ (measured independently), the line search rejects and
-restores a step that would leave the trust region, the trainer's logs, LoRA."""
+restores a step that would leave the trust region, group advantages and the KL penalty in the surrogate by
+hand, the trainer's logs with and without a critic, LoRA."""
 
 import json
 
@@ -10,7 +11,14 @@ from zerorl.config import TrainConfig, build_config
 from zerorl.core.advantages import gae
 from zerorl.core.trust_region import backtracking_line_search, flat_grad
 from zerorl.lm.models import build_tiny_model, load_model_and_tokenizer
-from zerorl.lm.trpo import TrustRegionProblem, rollout_statistics, train, trust_region_update, vocab_kl_sum
+from zerorl.lm.trpo import (
+    TrustRegionProblem,
+    group_advantages,
+    rollout_statistics,
+    train,
+    trust_region_update,
+    vocab_kl_sum,
+)
 from zerorl.lm.value_model import build_critic, masked_whiten, token_level_rewards
 
 TASK_ARGS = {"max_digits": 1, "operators": "+", "num_eval": 12}
@@ -135,27 +143,76 @@ def test_line_search_rejects_a_step_beyond_delta_and_restores_bit_exactly(base_m
     assert result.kl == 0.0  # measured at the restored parameters: π_θ = π_old
 
 
-def test_trpo_trainer_logs_the_trust_region(base_model, digits_reward, tmp_path):
+def test_group_advantages_by_hand():
+    from types import SimpleNamespace
+
+    # Two prompts × G = 4. Group 1: rewards 1, 0, 0, 1 → mean ½, unbiased std √(1/3) → ±√3/2;
+    # group 2: all equal → 0. Each completion's advantage sits on each of its valid tokens.
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    batch = SimpleNamespace(rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]), completion_mask=mask)
+    a = 3 ** 0.5 / 2
+    config = build_config(TrainConfig, None, {"num_generations": 4, "trpo_advantages": "group"})
+    expected = torch.tensor([[a, a, 0], [-a, 0, 0], [-a, -a, -a], [a, a, 0]] + [[0.0, 0, 0]] * 4)
+    torch.testing.assert_close(group_advantages(batch, config), expected, atol=1e-5, rtol=1e-5)
+    # Dr. GRPO's scale (no std): ±½.
+    config = build_config(TrainConfig, None, {"num_generations": 4, "scale_rewards": "none"})
+    torch.testing.assert_close(group_advantages(batch, config)[:4, 0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_surrogate_pays_the_kl_to_the_reference(base_model, digits_reward, tmp_path):
+    """At θ = θ_old the ratio is 1: L = token-mean(Â) − β · token-mean(k3(π_θ‖π_ref)), with k3 by hand."""
+    from zerorl.lm.runtime import setup_lm_run
+
+    config = _config(base_model, tmp_path, reward_funcs=[digits_reward])
+    run = setup_lm_run(config)
+    batch, old_vocab = _rollout(run, config, seed=0)
+    mask = batch.completion_mask.bool()
+    batch.ref_logprobs = torch.where(mask, batch.old_logprobs - 0.3, torch.zeros_like(batch.old_logprobs))
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    problem = TrustRegionProblem(run.model, params, batch.micro_batches(config.micro_batch_size), old_vocab,
+                                 config.temperature, kl_coef=0.5, kl_estimator="k3")
+    k3 = torch.exp(torch.tensor(-0.3)) - 1 + 0.3  # e^{ref − logp} − (ref − logp) − 1, the same on every token
+    expected = float(batch.advantages[mask].mean()) - 0.5 * float(k3)
+    with torch.no_grad():
+        assert float(problem.surrogate()) == pytest.approx(expected, abs=1e-5)
+        problem.kl_coef = 0.0
+        assert float(problem.surrogate()) == pytest.approx(float(batch.advantages[mask].mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("advantages", ["gae", "group"])
+def test_trpo_trainer_logs_the_trust_region(base_model, digits_reward, tmp_path, advantages):
     steps = 3
     config = _config(base_model, tmp_path, max_steps=steps, reward_funcs=["accuracy", digits_reward],
-                     eval_at_end=True, max_kl=0.005)
+                     eval_at_end=True, max_kl=0.005, trpo_advantages=advantages)
     summary = train(config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == steps and summary["algo"] == "trpo"
     for row in rows:
         for key in ("trust_region/kl", "trust_region/backtracks", "trust_region/surrogate_improvement",
-                    "trust_region/accepted", "kl", "value_loss", "entropy", "step_time"):
+                    "trust_region/accepted", "kl", "entropy", "step_time"):
             assert key in row, key
+        assert ("value_loss" in row) == (advantages == "gae")
         if row["trust_region/accepted"]:
             assert row["trust_region/kl"] <= config.max_kl and row["trust_region/surrogate_improvement"] > 0
     assert sum(r["trust_region/accepted"] for r in rows) >= 2
-    assert summary["models"]["critic"]["trainable"] > 0 and summary["eval_after"]["n"] == 12
+    assert summary["eval_after"]["n"] == 12
+    if advantages == "gae":
+        assert set(summary["models"]) == {"policy", "critic", "reference"}
+        assert summary["models"]["critic"]["trainable"] > 0
+    else:  # no critic: the policy and π_ref, as GRPO, and no optimizer state
+        assert set(summary["models"]) == {"policy", "reference"}
+        n = summary["models"]["policy"]["trainable"]
+        assert summary["models"]["reference"] == {"trainable": 0, "frozen": n}
+        assert summary["model_state_bytes"] == 4 * (2 * n + n)  # fp32 params + grads, frozen copy
 
 
-def test_trpo_over_lora_parameters_only(base_model, digits_reward, tmp_path):
+@pytest.mark.parametrize("advantages", ["gae", "group"])
+def test_trpo_over_lora_parameters_only(base_model, digits_reward, tmp_path, advantages):
     config = _config(base_model, tmp_path, max_steps=2, lora_rank=2, critic="value_head",
-                     reward_funcs=[digits_reward])
+                     trpo_advantages=advantages, reward_funcs=[digits_reward])
     summary = train(config)
+    assert ("critic" in summary["models"]) == (advantages == "gae")
+    assert "reference" not in summary["models"]  # π_ref is the policy with its adapters switched off
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r["trust_region/accepted"] for r in rows)
     assert all(r["trust_region/kl"] <= config.max_kl for r in rows if r["trust_region/accepted"])

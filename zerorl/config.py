@@ -111,8 +111,8 @@ class TrainConfig:
     max_backtracks: int = 10  # TRPO line-search halvings
     trpo_value_steps: int = 4  # critic Adam steps per TRPO iteration (minibatches of the rollout batch)
     fisher_subsample: int = 8  # TRPO: Fisher-vector products on every k-th completion (baselines: 5)
-    trpo_advantages: str = "group"  # group: advantage_estimator over the G samples of each prompt, as GRPO:
-    #                                 no critic held, β·KL in the surrogate | gae: critic + token GAE (as PPO)
+    trpo_advantages: str = "gae"  # gae: critic + token GAE (as PPO) | group: advantage_estimator over the
+    #                               G samples of each prompt, as GRPO: no critic held, β·KL in the surrogate
     lora_rank: int = 0  # >0: PPO/TRPO train LoRA adapters of this rank only; 0 = all parameters
     lora_alpha: float = 16.0  # LoRA scale α / rank
 

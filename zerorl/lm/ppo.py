@@ -21,7 +21,6 @@ completions: that critic is the extra model in memory the article's figure shows
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -33,15 +32,16 @@ from zerorl.core.kl import kl_estimate
 from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
 from zerorl.core.losses import aggregate, policy_loss, value_loss
 from zerorl.lm.batch import RolloutBatch
-from zerorl.lm.forward import batched_logprobs
-from zerorl.lm.lora import apply_lora, lora_disabled, merge_lora
+from zerorl.lm.lora import merge_lora
 from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
 from zerorl.lm.runtime import (
+    NonFiniteLossError,
     begin_training,
     describe_eval,
     finish_run,
     make_optimizer,
     make_scheduler,
+    nonfinite_abort_message,
     rollout_seed,
     run_evaluation,
     sampling_params,
@@ -54,20 +54,15 @@ from zerorl.lm.value_model import (
     masked_whiten,
     model_state_bytes,
     parameter_counts,
+    reference_logprobs,
+    reference_model,
     rollout_logprobs_and_values,
     token_level_rewards,
+    trainable_parameters,
     training_reward_set,
 )
 
 PPO_AGG_MODE = "token-mean"  # PPO averages over all valid tokens of the minibatch (TRL's masked_mean)
-
-
-def reference_logprobs(policy, ref_model, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
-    """log π_ref of the batch: the frozen copy, or (LoRA) the policy with its adapters switched off."""
-    if ref_model is not None:
-        return batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature)
-    with lora_disabled(policy):
-        return batched_logprobs(policy, batch, config.micro_batch_size, config.temperature)
 
 
 def estimate_advantages(policy, critic, ref_model, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
@@ -121,20 +116,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     # The value model: a copy of the policy's transformer + scalar head, or a head on the policy itself.
     # Built before LoRA so that a separate critic starts from the plain base weights.
     critic = build_critic(policy, config.critic).to(run.device)
-    lora = config.lora_rank > 0
-    if lora:
-        policy_params = apply_lora(policy, config.lora_rank, config.lora_alpha)
-        if config.critic == "separate":
-            critic_params = apply_lora(critic.backbone, config.lora_rank, config.lora_alpha)
-            critic_params += list(critic.head.parameters())
-        else:
-            critic_params = list(critic.parameters())
-    else:
-        policy_params = [p for p in policy.parameters() if p.requires_grad]
-        critic_params = list(critic.parameters())
+    policy_params, critic_params = trainable_parameters(policy, critic, config)  # all, or LoRA adapters
 
     # π_ref: a frozen copy; with LoRA the base model with adapters switched off, no copy at all.
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if config.beta > 0 and not lora else None
+    ref_model = reference_model(policy, config)
     reward_set, scorer = training_reward_set(run, config)
 
     critic_lr = config.critic_learning_rate or config.learning_rate
@@ -149,7 +134,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     start_step, data_cursor = state["step"], state["data_cursor"]
 
     sampling = sampling_params(config)
-    skipped_in_a_row = 0
+    skipped_in_a_row = state.get("nonfinite_in_a_row", 0)
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc=f"ppo {config.task}", unit="step", disable=not config.progress)
     for step in bar:
@@ -198,10 +183,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 critic_grad_norms.append(critic_grad_norm.item())
         scheduler.step()
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-        if skipped_in_a_row >= 3:
-            raise RuntimeError(f"step {step}: the loss or gradient was NaN/Inf for 3 steps in a row. Likely "
-                               "causes: a learning rate too high, bf16 overflow (try dtype=float32), or a "
-                               f"reward returning NaN/Inf. The last good checkpoint is in {run.checkpoint_root}.")
+        if skipped_in_a_row >= config.max_nonfinite_steps:
+            raise NonFiniteLossError(nonfinite_abort_message(step + 1, skipped_in_a_row, run.checkpoint_root))
 
         # 5. Metrics, checkpoint.
         step_time = time.perf_counter() - step_start
@@ -222,14 +205,17 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         bar.set_postfix(reward=f"{row['reward']:.2f}", vloss=f"{row.get('value_loss', 0.0):.3f}",
                         len=f"{row['completions/mean_length']:.0f}")
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.max_steps:
-            save_training_state(run, step + 1, data_cursor, modules, optimizer, scheduler)
+            save_training_state(run, step + 1, data_cursor, modules, optimizer, scheduler,
+                                extra={"nonfinite_in_a_row": skipped_in_a_row})
     bar.close()
 
     memory = model_state_bytes({"policy": policy, "critic": critic, "reference": ref_model,
                                 "reward_model": scorer.model if scorer else None}, optimizer)
-    save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler)
+    if start_step < config.max_steps:  # else a resume after the last checkpoint: it is already on disk
+        save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler,
+                            extra={"nonfinite_in_a_row": skipped_in_a_row})
     if config.eval_at_end:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
-    if lora:
+    if config.lora_rank > 0:
         merge_lora(policy)  # final/ is a plain HF model with the adapters folded in
     return finish_run(run, extra={"models": held, "model_state_bytes": memory})

@@ -4,13 +4,17 @@
 
     for each step:
         q, o ← prompts and G samples each (same sample budget as GRPO and PPO); score them
-        log π_old (token and whole vocabulary), V(q, o_<t) ← policy and critic, no grad
-        r_t ← −β·(log π_old − log π_ref) + score on the last token;  Â, R ← GAE;  Â ← whiten(Â)
+        log π_old (token and whole vocabulary) ← policy, no grad;  log π_ref ← reference (β > 0)
+        advantages, one of (trpo_advantages):
+            "group"  Â_i ← advantage_estimator over the G samples of prompt i (as GRPO), on every token;
+                     no critic; β·k(π_θ‖π_ref) is subtracted from the surrogate (GRPO's placement)
+            "gae"    V(q, o_<t) ← critic;  r_t ← −β·(log π_old − log π_ref) + score on the last token;
+                     Â, R ← GAE;  Â ← whiten(Â)  (as PPO)
         policy: ONE natural-gradient step (core.trust_region.trpo_step):
             g = ∇ surrogate;  x ≈ F⁻¹g by cg_iters of CG on Fisher-vector products (double backprop
             of the exact vocabulary KL);  s = sqrt(2δ / xᵀFx)·x;  backtracking line search on the
             measured mean KL over the whole batch (≤ δ) and the surrogate (must improve)
-        critic: trpo_value_steps Adam steps on the value loss (TRPO itself has no value term)
+        critic ("gae" only): trpo_value_steps Adam steps on the value loss (TRPO itself has no value term)
         log the accepted step's KL, the backtracks, the surrogate improvement; checkpoint
 
 The trainable parameters are the whole model, or only LoRA adapters (lora_rank > 0) for large ones:
@@ -20,7 +24,6 @@ with plain autograd (the KL is differentiated twice); dtype=bfloat16 is refused.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -29,14 +32,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from zerorl.config import ConfigError, TrainConfig
-from zerorl.core.advantages import gae
+from zerorl.core import advantages as adv
 from zerorl.core.kl import kl_estimate
 from zerorl.core.logprobs import entropy_from_logits
 from zerorl.core.losses import aggregate, policy_loss, value_loss
 from zerorl.core.trust_region import TRPOStepInfo, trpo_step
 from zerorl.lm.batch import RolloutBatch
-from zerorl.lm.forward import batched_logprobs, completion_logits
-from zerorl.lm.lora import apply_lora, lora_disabled, merge_lora
+from zerorl.lm.forward import completion_logits
+from zerorl.lm.lora import merge_lora
 from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
 from zerorl.lm.runtime import (
     begin_training,
@@ -59,7 +62,10 @@ from zerorl.lm.value_model import (
     masked_whiten,
     model_state_bytes,
     parameter_counts,
+    reference_logprobs,
+    reference_model,
     token_level_rewards,
+    trainable_parameters,
     training_reward_set,
 )
 
@@ -89,12 +95,15 @@ class TrustRegionProblem:
     Under no_grad (the line search calls them back to back at the same weights) one forward pass serves
     both. With fisher_subsample = k > 1 the Fisher-vector products (the only calls with autograd on the
     KL) use every k-th completion, as OpenAI baselines' TRPO does; every KL the line search tests and
-    every KL logged is measured on the whole batch.
+    every KL logged is measured on the whole batch. With kl_coef = β > 0 (and ref_logprobs in the
+    micro-batches) the surrogate also pays β·k(π_θ‖π_ref) per token (GRPO's placement of the KL penalty).
     """
 
     def __init__(self, policy: torch.nn.Module, params: list[torch.Tensor], micros: list[RolloutBatch],
-                 old_vocab: list[torch.Tensor], temperature: float, fisher_subsample: int = 1):
+                 old_vocab: list[torch.Tensor], temperature: float, fisher_subsample: int = 1,
+                 kl_coef: float = 0.0, kl_estimator: str = "k3"):
         self.policy, self.params, self.temperature = policy, params, temperature
+        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.micros, self.old_vocab = micros, old_vocab
         self.tokens = max(1.0, sum(m.completion_mask.sum().item() for m in micros))
         self.fisher = list(zip(micros, old_vocab))
@@ -120,12 +129,16 @@ class TrustRegionProblem:
                                  micro.completion_mask)
 
     def surrogate(self) -> torch.Tensor:
-        """L(θ) = mean over valid tokens of π_θ/π_old · Â (to maximize)."""
+        """L(θ) = mean over valid tokens of π_θ/π_old · Â  [− β·k(π_θ‖π_ref)]  (to maximize)."""
         total = 0.0
         for micro, log_probs in zip(self.micros, self._log_probs(self.micros)):
             logp = log_probs.gather(-1, micro.completion_ids.unsqueeze(-1)).squeeze(-1)
-            loss, _ = policy_loss(logp, micro.old_logprobs, micro.advantages, micro.completion_mask.bool(),
+            mask = micro.completion_mask.bool()
+            loss, _ = policy_loss(logp, micro.old_logprobs, micro.advantages, mask,
                                   clip_eps_low=NO_CLIP, loss_agg_mode="token-mean")
+            if self.kl_coef > 0 and micro.ref_logprobs is not None:
+                penalty = kl_estimate(logp, micro.ref_logprobs, self.kl_estimator)
+                loss = loss + self.kl_coef * aggregate(penalty, mask, "token-mean")
             total = total - loss * (micro.completion_mask.sum().item() / self.tokens)
         return total
 
@@ -142,31 +155,63 @@ class TrustRegionProblem:
 @torch.no_grad()
 def rollout_statistics(policy, critic, batch: RolloutBatch, micro_batch_size: int, temperature: float
                        ) -> list[torch.Tensor]:
-    """Fill batch.old_logprobs and batch.values; return log π_old over the vocabulary per micro-batch."""
+    """Fill batch.old_logprobs (and batch.values when there is a critic); return log π_old over the
+    vocabulary per micro-batch."""
     was_training = policy.training
     policy.eval()
     batch.old_logprobs = torch.zeros(batch.completion_ids.shape, dtype=torch.float32,
                                      device=batch.completion_ids.device)
-    batch.values = torch.zeros_like(batch.old_logprobs)
+    values_out = torch.zeros_like(batch.old_logprobs) if critic is not None else None
     old_vocab = []
     for start, micro in zip(range(0, len(batch), micro_batch_size), batch.micro_batches(micro_batch_size)):
-        logits, values = logits_and_values(policy, critic, micro)
+        if critic is not None:
+            logits, values = logits_and_values(policy, critic, micro)
+        else:
+            logits = completion_logits(policy, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                       micro.completion_mask)
         log_probs = vocab_log_softmax(logits, temperature)
         width, rows = micro.completion_ids.shape[1], slice(start, start + len(micro))
         batch.old_logprobs[rows, :width] = log_probs.gather(-1, micro.completion_ids.unsqueeze(-1)).squeeze(-1)
-        batch.values[rows, :width] = values
+        if values_out is not None:
+            values_out[rows, :width] = values
         old_vocab.append(log_probs)
     policy.train(was_training)
     mask = batch.completion_mask.bool()
-    batch.old_logprobs, batch.values = batch.old_logprobs * mask, batch.values * mask
+    batch.old_logprobs = batch.old_logprobs * mask
+    if values_out is not None:
+        batch.values = values_out * mask
     return old_vocab
+
+
+def group_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+    """Token advantages [N, Lc] without a critic: each completion's outcome advantage against the other
+    samples of its prompt (advantage_estimator, as GRPO: (r − mean_group r) / std_group r by default),
+    the same on each of its tokens; 0 on padding."""
+    if config.advantage_estimator == "grpo":
+        outcome = adv.grpo(batch.rewards, config.num_generations, scale=config.scale_rewards)
+    elif config.advantage_estimator == "rloo":
+        outcome = adv.rloo(batch.rewards, config.num_generations)
+    else:
+        outcome = adv.reinforce_pp(batch.rewards)
+    mask = batch.completion_mask.bool()
+    return torch.where(mask, outcome.float().to(mask.device).unsqueeze(1), torch.zeros(mask.shape, device=mask.device))
+
+
+def gae_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+    """PPO's token advantages from the critic (fills batch.returns); returns them whitened (or not)."""
+    mask = batch.completion_mask.bool()
+    token_rewards = token_level_rewards(batch.rewards, batch.old_logprobs, batch.ref_logprobs, mask, config.beta)
+    advantages, batch.returns = adv.gae(token_rewards, batch.values, mask, gamma=config.gamma, lam=config.lam)
+    return masked_whiten(advantages, mask) if config.whiten_advantages else advantages
 
 
 def trust_region_update(policy, params, batch: RolloutBatch, old_vocab: list[torch.Tensor],
                         config: TrainConfig) -> TRPOStepInfo:
     """One TRPO step of ``params`` in place; batch carries old_logprobs and advantages."""
+    # With a critic the KL to π_ref is already in the token rewards; without one it goes in the surrogate.
+    kl_coef = config.beta if config.trpo_advantages == "group" else 0.0
     problem = TrustRegionProblem(policy, params, batch.micro_batches(config.micro_batch_size), old_vocab,
-                                 config.temperature, config.fisher_subsample)
+                                 config.temperature, config.fisher_subsample, kl_coef, config.kl_estimator)
     # The fused CPU/GPU attention kernels have no double backward; the math kernel is plain autograd.
     with sdpa_kernel([SDPBackend.MATH]):
         return trpo_step(params, problem.surrogate, problem.kl, max_kl=config.max_kl, cg_iters=config.cg_iters,
@@ -217,25 +262,24 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     policy = run.model
     policy.train()
 
-    critic = build_critic(policy, config.critic).to(run.device)
-    lora = config.lora_rank > 0
-    if lora:
-        policy_params = apply_lora(policy, config.lora_rank, config.lora_alpha)
-        critic_params = list(critic.parameters()) if config.critic == "value_head" else \
-            apply_lora(critic.backbone, config.lora_rank, config.lora_alpha) + list(critic.head.parameters())
-    else:
-        policy_params = [p for p in policy.parameters() if p.requires_grad]
-        critic_params = list(critic.parameters())
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if config.beta > 0 and not lora else None
+    # The critic exists only for GAE advantages; group advantages need no model beyond the policy (and π_ref).
+    with_critic = config.trpo_advantages == "gae"
+    critic = build_critic(policy, config.critic).to(run.device) if with_critic else None
+    policy_params, critic_params = trainable_parameters(policy, critic, config)
+    ref_model = reference_model(policy, config)
     reward_set, scorer = training_reward_set(run, config)
 
     # Only the critic has an optimizer: the policy moves by the natural-gradient step alone.
-    critic_lr = config.critic_learning_rate or config.learning_rate
-    optimizer = make_optimizer([{"params": critic_params, "lr": critic_lr}], config)
-    scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
-    modules = {"model": policy, "critic": critic} | ({"ref_model": ref_model} if ref_model is not None else {})
-    held = parameter_counts({"policy": policy, "critic": critic, "reference": ref_model,
-                             "reward_model": scorer.model if scorer else None})
+    optimizer = scheduler = None
+    if with_critic:
+        critic_lr = config.critic_learning_rate or config.learning_rate
+        optimizer = make_optimizer([{"params": critic_params, "lr": critic_lr}], config)
+        scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
+    modules = {"model": policy} | ({"critic": critic} if critic is not None else {}) \
+        | ({"ref_model": ref_model} if ref_model is not None else {})
+    held_models = {"policy": policy, "critic": critic, "reference": ref_model,
+                   "reward_model": scorer.model if scorer else None}
+    held = parameter_counts(held_models)
 
     state, _ = begin_training(run, modules, optimizer, scheduler, resume)
     start_step, data_cursor = state["step"], state["data_cursor"]
@@ -258,22 +302,18 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         # 2. π_old (tokens and whole vocabulary: the KL constraint is exact), V, π_ref.
         old_vocab = rollout_statistics(policy, critic, batch, config.micro_batch_size, config.temperature)
         if config.beta > 0:
-            if ref_model is not None:
-                batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature)
-            else:
-                with lora_disabled(policy):
-                    batch.ref_logprobs = batched_logprobs(policy, batch, config.micro_batch_size, config.temperature)
+            batch.ref_logprobs = reference_logprobs(policy, ref_model, batch, config)
 
-        # 3. Token rewards with the KL penalty, GAE, whitening (as PPO).
-        token_rewards = token_level_rewards(batch.rewards, batch.old_logprobs, batch.ref_logprobs, mask, config.beta)
-        advantages, batch.returns = gae(token_rewards, batch.values, mask, gamma=config.gamma, lam=config.lam)
-        batch.advantages = masked_whiten(advantages, mask) if config.whiten_advantages else advantages
+        # 3. Advantages: from the group of G samples, or token rewards + GAE from the critic (as PPO).
+        batch.advantages = group_advantages(batch, config) if not with_critic else gae_advantages(batch, config)
 
         # 4. The natural-gradient step with its line search, then the critic.
         info = trust_region_update(policy, policy_params, batch, old_vocab, config)
-        critic_metrics = fit_critic(policy, critic, critic_params, optimizer, batch, config,
-                                    torch.Generator().manual_seed(config.seed * 7_919 + step))
-        scheduler.step()
+        critic_metrics = {}
+        if with_critic:
+            critic_metrics = fit_critic(policy, critic, critic_params, optimizer, batch, config,
+                                        torch.Generator().manual_seed(config.seed * 7_919 + step))
+            scheduler.step()
 
         # 5. Metrics, checkpoint.
         row = {"step": step + 1, **completion_metrics(batch), **timings, **critic_metrics}
@@ -293,22 +333,23 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             "trust_region/surrogate_improvement": info.surrogate_after - info.surrogate_before,
             "trust_region/expected_improvement": info.expected_improvement,
             "grad_norm": info.grad_norm,
-            "learning_rate": scheduler.get_last_lr()[0],
             "time/train": time.perf_counter() - train_start,
             "step_time": time.perf_counter() - step_start,
             "data_cursor": data_cursor,
         })
+        if scheduler is not None:
+            row["learning_rate"] = scheduler.get_last_lr()[0]  # the critic's
         run.logger.log(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{info.kl:.4f}", bt=info.backtracks)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.max_steps:
             save_training_state(run, step + 1, data_cursor, modules, optimizer, scheduler)
     bar.close()
 
-    memory = model_state_bytes({"policy": policy, "critic": critic, "reference": ref_model,
-                                "reward_model": scorer.model if scorer else None}, optimizer)
-    save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler)
+    memory = model_state_bytes(held_models, optimizer)
+    if start_step < config.max_steps:  # else a resume after the last checkpoint: it is already on disk
+        save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler)
     if config.eval_at_end:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
-    if lora:
-        merge_lora(policy)
+    if config.lora_rank > 0:
+        merge_lora(policy)  # final/ is a plain HF model with the adapters folded in
     return finish_run(run, extra={"models": held, "model_state_bytes": memory})

@@ -249,6 +249,43 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     return torch.where(mask, (values - mean) / (var.sqrt() + eps), torch.zeros_like(values))
 
 
+def trainable_parameters(policy: nn.Module, critic: nn.Module | None, config: TrainConfig
+                         ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(policy parameters, critic parameters) that PPO/TRPO train: all of them, or (lora_rank > 0) the
+    LoRA adapters (plus the critic's head). Call after ``build_critic``: a separate critic must copy the
+    plain base weights, before the policy gets adapters."""
+    from zerorl.lm.lora import apply_lora
+
+    if config.lora_rank == 0:
+        policy_params = [p for p in policy.parameters() if p.requires_grad]
+        return policy_params, list(critic.parameters()) if critic is not None else []
+    policy_params = apply_lora(policy, config.lora_rank, config.lora_alpha)
+    if critic is None:
+        return policy_params, []
+    if isinstance(critic, ValueHead):
+        return policy_params, list(critic.parameters())
+    return policy_params, apply_lora(critic.backbone, config.lora_rank, config.lora_alpha) + list(critic.head.parameters())
+
+
+def reference_model(policy: nn.Module, config: TrainConfig) -> nn.Module | None:
+    """π_ref: a frozen copy of the policy when β > 0; None with LoRA (the policy with its adapters switched
+    off is π_ref, no copy at all) or β = 0."""
+    if config.beta > 0 and config.lora_rank == 0:
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+    return None
+
+
+def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch, config: TrainConfig) -> torch.Tensor:
+    """log π_ref of the batch: the frozen copy, or (LoRA) the policy with its adapters switched off."""
+    from zerorl.lm.forward import batched_logprobs
+    from zerorl.lm.lora import lora_disabled
+
+    if ref_model is not None:
+        return batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature)
+    with lora_disabled(policy):
+        return batched_logprobs(policy, batch, config.micro_batch_size, config.temperature)
+
+
 def training_reward_set(run, config: TrainConfig) -> tuple[RewardSet, RewardModelScorer | None]:
     """The task's reward functions, or a reward model; with a reward model the task's functions are still
     computed (weight 0) so that rewards/accuracy/mean shows whether the learned reward tracks the truth."""
