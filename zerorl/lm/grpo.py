@@ -30,7 +30,7 @@ from zerorl.core.kl import kl_estimate
 from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
-from zerorl.lm.native import NativeDecoder
+from zerorl.lm.native import NativeDecoder, layer_flops, threads_for
 from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
 from zerorl.lm.runtime import (
     LMRun,
@@ -141,7 +141,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         # 3. Log-probs that stay fixed during the update: π_old (when the policy will move between
         #    minibatches) and π_ref (for the KL penalty). No autograd.
         train_start = time.perf_counter()
-        with autocast(config, run.device):
+        # Tokens of a micro-batch (each prompt once): whether a second intra-op thread pays for its passes.
+        micro_tokens = (int(batch.completion_mask.sum()) + int(batch.prompt_mask[::config.num_generations].sum())) \
+            * min(1.0, config.micro_batch_size / len(batch))
+        work = layer_flops(model, int(micro_tokens)) if policy_native is not None else float("inf")
+        with autocast(config, run.device), threads_for(work):
             if not on_policy:
                 batch.old_logprobs = batched_logprobs(model, batch, config.micro_batch_size, config.temperature,
                                                       native=policy_native)
@@ -163,9 +167,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss_is_finite = True
                 for micro in minibatch.micro_batches(config.micro_batch_size):
-                    with autocast(config, run.device):
-                        loss, metrics = grpo_loss(model, micro, config, on_policy, native=policy_native)
-                    (loss * _share(micro, minibatch, config.loss_agg_mode)).backward()
+                    with threads_for(work):
+                        with autocast(config, run.device):
+                            loss, metrics = grpo_loss(model, micro, config, on_policy, native=policy_native)
+                        (loss * _share(micro, minibatch, config.loss_agg_mode)).backward()
                     loss_is_finite = loss_is_finite and bool(torch.isfinite(loss))
                     metrics["loss"] = loss.detach()
                     del loss

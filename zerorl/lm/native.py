@@ -25,6 +25,7 @@ Architectures outside the family fall back to the transformers forward (``unsupp
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,33 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if not isinstance(getattr(model, "lm_head", None), nn.Linear):
         return "lm_head is not an nn.Linear"
     return None
+
+
+# Below this many FLOPs per decoder layer and pass, a second intra-op thread costs more than it gives: each
+# of the pass's many small ops wakes it (measured on 2 cores, benchmarks/RESULTS.md: a 1M-parameter model
+# decodes 1.9× faster and trains 1.4× faster on one thread; a 31.5M model's decode, ~0.5 GFLOP per
+# layer, is 1.3× faster on two).
+SMALL_WORK_FLOPS_PER_LAYER = 4e8
+
+
+def layer_flops(model: nn.Module, tokens: int) -> float:
+    """2 · (parameters per decoder layer) · tokens: the matmul FLOPs of one layer's forward over ``tokens``."""
+    layers = model.model.layers
+    return 2.0 * sum(p.numel() for p in layers[0].parameters()) * tokens
+
+
+@contextlib.contextmanager
+def threads_for(flops_per_layer: float):
+    """Run a pass on one intra-op thread when its work per layer is small (see SMALL_WORK_FLOPS_PER_LAYER)."""
+    before = torch.get_num_threads()
+    if before <= 1 or flops_per_layer >= SMALL_WORK_FLOPS_PER_LAYER:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -381,5 +409,5 @@ class DecodeState:
         return _linear(rms_norm(x, d.final_norm), self.lm_head, d.lm_head)
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "NativeDecoder", "SwiGLUDown", "rms_norm", "rotate",
-           "unsupported_reason"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "NativeDecoder", "SwiGLUDown", "layer_flops", "rms_norm",
+           "rotate", "threads_for", "unsupported_reason"]

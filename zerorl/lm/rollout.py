@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from zerorl.core.logprobs import selective_log_softmax
-from zerorl.lm.native import NativeDecoder, unsupported_reason
+from zerorl.lm.native import NativeDecoder, layer_flops, threads_for, unsupported_reason
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -207,7 +207,9 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), self._autocast(device):
+            # One decode step's work per layer decides whether a second thread pays (native models).
+            work = layer_flops(self.model, min(batch_size, num_rows)) if self.native is not None else float("inf")
+            with torch.inference_mode(), self._autocast(device), threads_for(work):
                 for first in range(0, num_rows, batch_size):
                     rows = row_prompt[first : first + batch_size]
                     out = self._decode_batch(prompt_ids, prompt_mask, rows, params, generator)
