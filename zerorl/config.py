@@ -103,13 +103,13 @@ class TrainConfig:
     whiten_advantages: bool = True  # normalize token advantages over the batch's valid tokens
     kl_in_reward: bool = True  # True: −β·KL per token in the reward (RLHF); False: β·k3 in the loss (GRPO)
     critic: str = "separate"  # separate (a copy of the policy + scalar head) | value_head (on the policy)
-    critic_learning_rate: float | None = None  # None = learning_rate
+    critic_learning_rate: float | None = None  # None = learning_rate (PPO, and TRPO with trpo_advantages=gae)
     reward_model: str | None = None  # HF sequence-classification model directory; scores prompt+completion
     max_kl: float = 0.001  # TRPO δ: mean KL(π_old ‖ π_θ) per token (0.01, the classic value, is too far for an LM)
     cg_iters: int = 10  # TRPO conjugate-gradient iterations
     cg_damping: float = 0.1  # TRPO damping of the Fisher matrix
     max_backtracks: int = 10  # TRPO line-search halvings
-    trpo_value_steps: int = 4  # critic Adam steps per TRPO iteration (minibatches of the rollout batch)
+    trpo_value_steps: int = 4  # TRPO (gae): critic Adam steps per iteration (minibatches)
     fisher_subsample: int = 8  # TRPO: Fisher-vector products on every k-th completion (baselines: 5)
     trpo_advantages: str = "gae"  # gae: critic + token GAE (as PPO) | group: advantage_estimator over the
     #                               G samples of each prompt, as GRPO: no critic held, β·KL in the surrogate

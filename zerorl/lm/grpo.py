@@ -173,8 +173,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                         (loss * _share(micro, minibatch, config.loss_agg_mode)).backward()
                     loss_is_finite = loss_is_finite and bool(torch.isfinite(loss))
                     metrics["loss"] = loss.detach()
-                    del loss
-                    release_free_memory()  # this micro-batch's activations
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -186,6 +184,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 optimizer.step()
                 grad_norms.append(grad_norm.item())
         scheduler.step()
+        # Not between micro-batches: memory handed back there is page-faulted in again by the next one
+        # (measured: +70 ms per micro-batch on the default model).
+        release_free_memory()
         run.engine.sync_weights(model)  # vLLM copies the updated weights; the in-process engine reads them live
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
         if skipped:
