@@ -66,3 +66,16 @@ def test_missing_yaml_and_malformed_override(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="mapping"):
         build_config(TrainConfig, bad)
+
+
+@pytest.mark.parametrize("pairs, words", [
+    (["bf16=true", "dtype=bfloat16"], ["bf16=true", "dtype='bfloat16'", "Fix: dtype=float32"]),
+    (["bf16=true", "algo=trpo"], ["algo=trpo", "Fix: bf16=false"]),
+    (["vllm_gpu_memory_utilization=1.5"], ["vllm_gpu_memory_utilization=1.5", "(0, 1)"]),
+    (["use_vllm=true", "lora_rank=8"], ["lora_rank=8", "Fix: lora_rank=0"]),
+])
+def test_precision_and_engine_options_that_cannot_go_together(pairs, words):
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainConfig, None, parse_overrides(pairs))
+    for word in words:
+        assert word in str(err.value)

@@ -144,10 +144,13 @@ def test_grpo_loss_matches_the_plain_formula(base_model):
     assert torch.allclose(loss, total / 2, atol=1e-5)
 
 
-def test_an_out_of_process_engine_gets_the_weights_after_every_update(base_model, tmp_path, monkeypatch):
-    """use_vllm: the trainer must push the policy's weights to the engine after each optimizer step. A
-    stand-in with vLLM's constructor and its own copy of the model (as a vLLM worker holds) records the
-    syncs; without them it would keep sampling from the base weights."""
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "trpo"])
+def test_an_out_of_process_engine_gets_the_weights_after_every_update(base_model, tmp_path, monkeypatch, algo):
+    """use_vllm: each trainer must push the policy's weights to the engine after each update. A stand-in
+    with vLLM's constructor and its own copy of the model (as a vLLM worker holds) records the syncs;
+    without them it would keep sampling from the base weights."""
+    import importlib
+
     import zerorl.lm.vllm_engine as vllm_engine
     from zerorl.lm.models import load_model_and_tokenizer
     from zerorl.lm.rollout import HFRolloutEngine
@@ -168,12 +171,13 @@ def test_an_out_of_process_engine_gets_the_weights_after_every_update(base_model
             syncs.append(1)
 
     monkeypatch.setattr(vllm_engine, "VLLMRolloutEngine", EngineWithItsOwnWeights)
-    train(_config(base_model, tmp_path / "vllm", max_steps=3, eval_at_start=False, eval_at_end=False,
-                  use_vllm=True, learning_rate=1e-3))
+    trainer = importlib.import_module(f"zerorl.lm.{algo}").train
+    settings = dict(max_steps=3, eval_at_start=False, eval_at_end=False, learning_rate=1e-3, algo=algo,
+                    max_kl=0.01)
+    trainer(_config(base_model, tmp_path / "vllm", use_vllm=True, **settings))
     assert len(syncs) == 3
     # The same run with the in-process engine samples the same completions (same weights at every step).
-    train(_config(base_model, tmp_path / "hf", max_steps=3, eval_at_start=False, eval_at_end=False,
-                  learning_rate=1e-3))
+    trainer(_config(base_model, tmp_path / "hf", **settings))
     with_sync, in_process = _metrics(tmp_path / "vllm"), _metrics(tmp_path / "hf")
     assert [r["reward"] for r in with_sync] == [r["reward"] for r in in_process]
     assert [r["completions/mean_length"] for r in with_sync] == [r["completions/mean_length"] for r in in_process]

@@ -9,7 +9,7 @@ import torch
 from zerorl.config import ConfigError, TrainConfig, build_config
 from zerorl.core.advantages import gae
 from zerorl.lm.forward import completion_logits
-from zerorl.lm.models import build_tiny_model, load_model_and_tokenizer
+from zerorl.lm.models import load_model_and_tokenizer
 from zerorl.lm.ppo import estimate_advantages, ppo_loss, train
 from zerorl.lm.value_model import (
     RewardModelScorer,
@@ -22,22 +22,6 @@ from zerorl.lm.value_model import (
 
 # 1-digit addition has 55 distinct problems; the task holds out at most a quarter of them.
 TASK_ARGS = {"max_digits": 1, "operators": "+", "num_eval": 12}
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    """A randomly initialized tiny Qwen2 (hidden 32, one layer): it samples characters nearly uniformly."""
-    return build_tiny_model(tmp_path_factory.mktemp("base") / "model", hidden_size=32, num_layers=1,
-                            num_heads=2, num_kv_heads=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits_reward(tmp_path_factory):
-    """A reward a random model can learn in a few steps: the fraction of its characters that are digits."""
-    path = tmp_path_factory.mktemp("reward") / "digits.py"
-    path.write_text("def digits(prompts, completions, **columns):\n"
-                    "    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]\n")
-    return f"{path}:digits"
 
 
 def _config(model, out, **overrides) -> TrainConfig:
@@ -85,8 +69,8 @@ def test_masked_whiten_by_hand():
     torch.testing.assert_close(masked_whiten(values, mask), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_value_head_forward_matches_the_policy_logits(base_model):
-    model, tok = load_model_and_tokenizer(str(base_model))
+def test_value_head_forward_matches_the_policy_logits(random_tiny_model):
+    model, tok = load_model_and_tokenizer(str(random_tiny_model))
     prompt = tok(["3+4=?\n", "12+5=?\n"], padding=True, return_tensors="pt")
     completion_ids = torch.randint(2, 40, (2, 5), generator=torch.Generator().manual_seed(0))
     completion_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -101,9 +85,9 @@ def test_value_head_forward_matches_the_policy_logits(base_model):
         assert values.shape == (2, 5) and torch.all(values == 0)  # zero-initialized head: V = 0
 
 
-def test_ppo_raises_the_reward(base_model, digits_reward, tmp_path):
+def test_ppo_raises_the_reward(random_tiny_model, digits_reward, tmp_path):
     steps = 16
-    summary = train(_config(base_model, tmp_path, max_steps=steps, reward_funcs=[digits_reward]))
+    summary = train(_config(random_tiny_model, tmp_path, max_steps=steps, reward_funcs=[digits_reward]))
     rows = _metrics(tmp_path)
     assert len(rows) == steps and summary["algo"] == "ppo"
     first = sum(r["reward"] for r in rows[:4]) / 4  # ≈ 10 digits / 99 characters ≈ 0.1
@@ -130,8 +114,8 @@ def _scored_batch(model_dir, digits_reward, tmp_path, critic_kind):
 
 
 @pytest.mark.parametrize("critic_kind", ["separate", "value_head"])
-def test_critic_fits_returns_and_policy_step_raises_the_surrogate(base_model, digits_reward, tmp_path, critic_kind):
-    policy, critic, batch, config = _scored_batch(base_model, digits_reward, tmp_path, critic_kind)
+def test_critic_fits_returns_and_policy_step_raises_the_surrogate(random_tiny_model, digits_reward, tmp_path, critic_kind):
+    policy, critic, batch, config = _scored_batch(random_tiny_model, digits_reward, tmp_path, critic_kind)
     mask = batch.completion_mask.bool()
 
     def surrogate() -> float:  # mean_t Â_t · log π(o_t): what the PPO gradient ascends at ratio 1
@@ -163,9 +147,9 @@ def test_critic_fits_returns_and_policy_step_raises_the_surrogate(base_model, di
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 
-def test_separate_critic_and_kl_in_loss(base_model, digits_reward, tmp_path):
+def test_separate_critic_and_kl_in_loss(random_tiny_model, digits_reward, tmp_path):
     # accuracy stays in the reward set because the held-out evaluation reads it.
-    summary = train(_config(base_model, tmp_path, max_steps=2, critic="separate", kl_in_reward=False,
+    summary = train(_config(random_tiny_model, tmp_path, max_steps=2, critic="separate", kl_in_reward=False,
                             reward_funcs=["accuracy", digits_reward],
                             num_iterations=2, num_minibatches=2, eval_at_end=True))
     rows = _metrics(tmp_path)
@@ -174,17 +158,17 @@ def test_separate_critic_and_kl_in_loss(base_model, digits_reward, tmp_path):
     models = summary["models"]
     policy = models["policy"]["trainable"]
     # separate critic = a second transformer (everything but the LM head) + a scalar head of H + 1.
-    model, _ = load_model_and_tokenizer(str(base_model))
+    model, _ = load_model_and_tokenizer(str(random_tiny_model))
     backbone = sum(p.numel() for p in model.base_model.parameters())
     assert models["critic"]["trainable"] == backbone + 32 + 1
     assert models["reference"] == {"trainable": 0, "frozen": policy}
     assert summary["eval_after"]["n"] == 12 and (tmp_path / "final" / "model.safetensors").exists()
 
 
-def test_reward_model_scores_and_trains(base_model, tmp_path):
+def test_reward_model_scores_and_trains(random_tiny_model, tmp_path):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(str(base_model))
+    tok = AutoTokenizer.from_pretrained(str(random_tiny_model))
     torch.manual_seed(0)
     rm = Qwen2ForSequenceClassification(Qwen2Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -202,24 +186,24 @@ def test_reward_model_scores_and_trains(base_model, tmp_path):
     ids = tok(prompts[1] + completions[1], return_tensors="pt")
     assert batched[1] == pytest.approx(rm(**ids).logits[0, 0].item(), abs=1e-5)
 
-    train(_config(base_model, tmp_path / "run", max_steps=2, reward_model=str(rm_dir), critic="value_head"))
+    train(_config(random_tiny_model, tmp_path / "run", max_steps=2, reward_model=str(rm_dir), critic="value_head"))
     for row in _metrics(tmp_path / "run"):
         # The reward model is the whole reward; the task's functions are still logged (weight 0).
         assert row["reward"] == pytest.approx(row["rewards/reward_model/mean"], abs=1e-5)
         assert "rewards/accuracy/mean" in row
     with pytest.raises(ConfigError, match="reward_model"):
-        _config(base_model, tmp_path / "bad", reward_model=str(tmp_path / "missing"))
+        _config(random_tiny_model, tmp_path / "bad", reward_model=str(tmp_path / "missing"))
 
 
-def test_lora_trains_only_the_adapters(base_model, digits_reward, tmp_path):
-    summary = train(_config(base_model, tmp_path, max_steps=2, lora_rank=4, critic="value_head",
+def test_lora_trains_only_the_adapters(random_tiny_model, digits_reward, tmp_path):
+    summary = train(_config(random_tiny_model, tmp_path, max_steps=2, lora_rank=4, critic="value_head",
                             reward_funcs=[digits_reward]))
     models = summary["models"]
     # Rank 4 on q, k, v, o, gate, up, down of one layer (H = 32, one kv head of 16, MLP 160): r·(in + out) each.
     per_layer = 4 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + (32 + 160) * 2 + (160 + 32))
     assert models["policy"]["trainable"] == per_layer
     assert "reference" not in models  # π_ref = the policy with its adapters switched off: no copy
-    before, _ = load_model_and_tokenizer(str(base_model))
+    before, _ = load_model_and_tokenizer(str(random_tiny_model))
     after, _ = load_model_and_tokenizer(str(tmp_path / "final"))  # adapters merged: a plain HF model
     b, a = dict(before.named_parameters()), dict(after.named_parameters())
     assert torch.equal(b["model.embed_tokens.weight"], a["model.embed_tokens.weight"])

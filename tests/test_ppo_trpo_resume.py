@@ -11,25 +11,9 @@ from safetensors.torch import load_file
 from zerorl.checkpoint import latest_checkpoint, load_checkpoint
 from zerorl.config import TrainConfig, build_config
 from zerorl.lm import ppo, trpo
-from zerorl.lm.models import build_tiny_model
 
 MAX_STEPS = 4
 TIMING_KEYS = ("time/", "step_time", "tokens_per_second")
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("base") / "model", hidden_size=32, num_layers=1,
-                            num_heads=2, num_kv_heads=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits_reward(tmp_path_factory):
-    """A dense reward that differs between completions, so that every step moves the weights."""
-    path = tmp_path_factory.mktemp("reward") / "digits.py"
-    path.write_text("def digits(prompts, completions, **columns):\n"
-                    "    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]\n")
-    return f"{path}:digits"
 
 
 class Interrupted(Exception):
@@ -64,11 +48,11 @@ def _metrics(out) -> list[dict]:
     ("trpo", {"trpo_advantages": "gae", "critic_learning_rate": 1e-3}),
     ("trpo", {"trpo_advantages": "group"}),
 ], ids=["ppo", "trpo-gae", "trpo-group"])
-def test_interrupted_then_resumed_equals_uninterrupted(algo, overrides, base_model, digits_reward, tmp_path,
-                                                       monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(algo, overrides, random_tiny_model, digits_reward,
+                                                       tmp_path, monkeypatch):
     module = ppo if algo == "ppo" else trpo
     reference = tmp_path / "reference"
-    module.train(_config(algo, base_model, digits_reward, reference, **overrides))
+    module.train(_config(algo, random_tiny_model, digits_reward, reference, **overrides))
 
     # Interrupt inside step 4 (its rollout): steps 1-3 ran, the step-2 checkpoint is the newest.
     out = tmp_path / "resumed"
@@ -82,7 +66,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(algo, overrides, base_mod
 
     monkeypatch.setattr(module, "rollout_and_score", rollout_then_die)
     with pytest.raises(Interrupted):
-        module.train(_config(algo, base_model, digits_reward, out, **overrides))
+        module.train(_config(algo, random_tiny_model, digits_reward, out, **overrides))
     assert len(_metrics(out)) == 3 and latest_checkpoint(out / "checkpoints").name.endswith("2")
     resumed_steps = []
 
@@ -91,11 +75,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(algo, overrides, base_mod
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "rollout_and_score", counting_rollout)
-    module.train(_config(algo, base_model, digits_reward, out, **overrides), resume=True)
+    module.train(_config(algo, random_tiny_model, digits_reward, out, **overrides), resume=True)
     assert len(resumed_steps) == 2  # steps 3 and 4 only: it continued from the checkpoint, not from scratch
 
     (got_final, got_state), (want_final, want_state) = _final_state(out), _final_state(reference)
-    start = load_file(base_model / "model.safetensors")
+    start = load_file(random_tiny_model / "model.safetensors")
     assert sum(not torch.equal(start[k], want_final[k]) for k in start) >= len(start) - 1  # training moved them
     assert got_final.keys() == want_final.keys()
     for name in want_final:

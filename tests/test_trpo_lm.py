@@ -10,7 +10,7 @@ import torch
 from zerorl.config import TrainConfig, build_config
 from zerorl.core.advantages import gae
 from zerorl.core.trust_region import backtracking_line_search, flat_grad
-from zerorl.lm.models import build_tiny_model, load_model_and_tokenizer
+from zerorl.lm.models import load_model_and_tokenizer
 from zerorl.lm.trpo import (
     TrustRegionProblem,
     group_advantages,
@@ -22,20 +22,6 @@ from zerorl.lm.trpo import (
 from zerorl.lm.value_model import build_critic, masked_whiten, token_level_rewards
 
 TASK_ARGS = {"max_digits": 1, "operators": "+", "num_eval": 12}
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("base") / "model", hidden_size=32, num_layers=1,
-                            num_heads=2, num_kv_heads=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits_reward(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reward") / "digits.py"
-    path.write_text("def digits(prompts, completions, **columns):\n"
-                    "    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]\n")
-    return f"{path}:digits"
 
 
 def _config(model, out, **overrides) -> TrainConfig:
@@ -95,10 +81,10 @@ def test_vocab_kl_is_the_exact_categorical_kl():
 
 
 @pytest.mark.parametrize("max_kl", [0.01, 0.002])
-def test_every_accepted_step_stays_within_delta(base_model, digits_reward, tmp_path, max_kl):
+def test_every_accepted_step_stays_within_delta(random_tiny_model, digits_reward, tmp_path, max_kl):
     from zerorl.lm.runtime import setup_lm_run
 
-    config = _config(base_model, tmp_path, reward_funcs=[digits_reward], max_kl=max_kl)
+    config = _config(random_tiny_model, tmp_path, reward_funcs=[digits_reward], max_kl=max_kl)
     run = setup_lm_run(config)
     params = [p for p in run.model.parameters() if p.requires_grad]
     accepted = 0
@@ -115,10 +101,10 @@ def test_every_accepted_step_stays_within_delta(base_model, digits_reward, tmp_p
     assert accepted >= 2
 
 
-def test_line_search_rejects_a_step_beyond_delta_and_restores_bit_exactly(base_model, digits_reward, tmp_path):
+def test_line_search_rejects_a_step_beyond_delta_and_restores_bit_exactly(random_tiny_model, digits_reward, tmp_path):
     from zerorl.lm.runtime import setup_lm_run
 
-    config = _config(base_model, tmp_path, reward_funcs=[digits_reward])
+    config = _config(random_tiny_model, tmp_path, reward_funcs=[digits_reward])
     run = setup_lm_run(config)
     batch, old_vocab = _rollout(run, config, seed=0)
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -159,11 +145,11 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(group_advantages(batch, config)[:4, 0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
-def test_surrogate_pays_the_kl_to_the_reference(base_model, digits_reward, tmp_path):
+def test_surrogate_pays_the_kl_to_the_reference(random_tiny_model, digits_reward, tmp_path):
     """At θ = θ_old the ratio is 1: L = token-mean(Â) − β · token-mean(k3(π_θ‖π_ref)), with k3 by hand."""
     from zerorl.lm.runtime import setup_lm_run
 
-    config = _config(base_model, tmp_path, reward_funcs=[digits_reward])
+    config = _config(random_tiny_model, tmp_path, reward_funcs=[digits_reward])
     run = setup_lm_run(config)
     batch, old_vocab = _rollout(run, config, seed=0)
     mask = batch.completion_mask.bool()
@@ -180,9 +166,9 @@ def test_surrogate_pays_the_kl_to_the_reference(base_model, digits_reward, tmp_p
 
 
 @pytest.mark.parametrize("advantages", ["gae", "group"])
-def test_trpo_trainer_logs_the_trust_region(base_model, digits_reward, tmp_path, advantages):
+def test_trpo_trainer_logs_the_trust_region(random_tiny_model, digits_reward, tmp_path, advantages):
     steps = 3
-    config = _config(base_model, tmp_path, max_steps=steps, reward_funcs=["accuracy", digits_reward],
+    config = _config(random_tiny_model, tmp_path, max_steps=steps, reward_funcs=["accuracy", digits_reward],
                      eval_at_end=True, max_kl=0.005, trpo_advantages=advantages)
     summary = train(config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -207,8 +193,8 @@ def test_trpo_trainer_logs_the_trust_region(base_model, digits_reward, tmp_path,
 
 
 @pytest.mark.parametrize("advantages", ["gae", "group"])
-def test_trpo_over_lora_parameters_only(base_model, digits_reward, tmp_path, advantages):
-    config = _config(base_model, tmp_path, max_steps=2, lora_rank=2, critic="value_head",
+def test_trpo_over_lora_parameters_only(random_tiny_model, digits_reward, tmp_path, advantages):
+    config = _config(random_tiny_model, tmp_path, max_steps=2, lora_rank=2, critic="value_head",
                      trpo_advantages=advantages, reward_funcs=[digits_reward])
     summary = train(config)
     assert ("critic" in summary["models"]) == (advantages == "gae")
@@ -218,7 +204,7 @@ def test_trpo_over_lora_parameters_only(base_model, digits_reward, tmp_path, adv
     assert all(r["trust_region/kl"] <= config.max_kl for r in rows if r["trust_region/accepted"])
     # rank 2 · (in + out) over q, k, v, o, gate, up, down of the one layer; nothing else is trained
     assert summary["models"]["policy"]["trainable"] == 2 * (64 + 48 + 48 + 64 + 192 * 2 + 192)
-    before, _ = load_model_and_tokenizer(str(base_model))
+    before, _ = load_model_and_tokenizer(str(random_tiny_model))
     after, _ = load_model_and_tokenizer(str(tmp_path / "final"))
     b, a = dict(before.named_parameters()), dict(after.named_parameters())
     assert torch.equal(b["model.embed_tokens.weight"], a["model.embed_tokens.weight"])

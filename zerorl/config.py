@@ -189,6 +189,9 @@ class TrainConfig:
         _check("fisher_subsample", self.fisher_subsample, self.fisher_subsample >= 1,
                "must be ≥ 1 (1 = every completion, 5 = every 5th)")
         _check("lora_rank", self.lora_rank, self.lora_rank >= 0, "must be ≥ 0 (0 = train all parameters)")
+        if self.use_vllm and self.lora_rank > 0:
+            raise ConfigError(f"use_vllm=true with lora_rank={self.lora_rank}: the LoRA-wrapped policy's weights "
+                              "do not have the names vLLM loads. Fix: lora_rank=0 with use_vllm, or use_vllm=false.")
         _check("lora_alpha", self.lora_alpha, self.lora_alpha > 0, "must be > 0, e.g. 16")
         if self.reward_model is not None and not (Path(self.reward_model) / "config.json").is_file():
             raise ConfigError(f"reward_model={self.reward_model!r} is not a Hugging Face model directory "

@@ -10,10 +10,14 @@ with each prompt encoded once per group and no padding in the linear layers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
-from zerorl.lm.native import NativeDecoder
+
+if TYPE_CHECKING:  # zerorl.lm.native imports position_ids_from_mask from here
+    from zerorl.lm.native import NativeDecoder
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

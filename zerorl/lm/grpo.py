@@ -31,7 +31,7 @@ from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
 from zerorl.lm.native import NativeDecoder, layer_flops, threads_for
-from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
+from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     LMRun,
     NonFiniteLossError,
@@ -42,6 +42,7 @@ from zerorl.lm.runtime import (
     make_optimizer,
     make_scheduler,
     native_decoder,
+    next_prompts,
     nonfinite_abort_message,
     release_free_memory,
     rollout_seed,
@@ -126,9 +127,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         step_start = time.perf_counter()
 
         # 1. Prompts → G completions each → rule-based rewards.
-        rows = [run.task.train_row(data_cursor + i) for i in range(config.prompts_per_step)]
-        data_cursor += config.prompts_per_step
-        prompts = render_prompts(rows, run.template, run.tokenizer)
+        prompts, data_cursor = next_prompts(run, data_cursor)
         errors_before = dict(run.reward_set.error_counts)  # samples scored 0.0 under reward_errors=zero
         batch, timings = rollout_and_score(run.engine, prompts, sampling, run.reward_set,
                                            seed=rollout_seed(config, step))

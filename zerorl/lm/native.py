@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerorl.lm.forward import position_ids_from_mask
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
@@ -214,45 +216,41 @@ class NativeDecoder:
         x = x + self._mlp(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
         return x, k, v
 
-    def encode_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        """Run left-padded prompts [P, Lp]; return (last hidden [P, D] before the final norm, per-layer (k, v)).
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """Run a padded batch [B, T] through the decoder layers; return (packed output [N, D] before the final
+        norm, its layout, per-layer (k, v) [B, Hkv, T, d] with zeros at padding).
 
-        k, v are [P, Hkv, Lp, d] with zeros at padding. A padding position attends only to itself, so
-        no softmax row is empty (an empty row would be NaN and poison the masked keys through 0·NaN).
+        A padding position attends only to itself, so no softmax row is empty (an empty row would be NaN
+        and poison the masked keys through 0·NaN).
         """
-        mask = prompt_mask.bool()
+        mask = mask.bool()
         layout = _Layout.from_mask(mask)
-        positions = layout.pack((mask.long().cumsum(1) - 1).clamp(min=0))
-        x = self.embed(layout.pack(prompt_ids))
-        cos, sin = self._rope(x, positions)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(mask)
+        x = self.embed(layout.pack(input_ids))
+        cos, sin = self._rope(x, layout.pack(position_ids))
         width = mask.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
-        attn_mask = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=mask.device)
-        attn_mask = attn_mask[:, None]  # [P, 1, Lp, Lp]
+        attn_mask = ((causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=mask.device))
         cache = []
         for layer in self.layers:
-            x, k, v = self._block(layer, x, layout, cos, sin, attn_mask)
+            x, k, v = self._block(layer, x, layout, cos, sin, attn_mask[:, None])
             cache.append((k, v))
+        return x, layout, cache
+
+    def encode_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """Run left-padded prompts [P, Lp]; return (last hidden [P, D] before the final norm, per-layer (k, v)
+        [P, Hkv, Lp, d])."""
+        x, layout, cache = self._encode(prompt_ids, prompt_mask)
         # Left padding: the last column holds each prompt's last real token.
-        last = layout.unpack(x)[:, -1]
-        return last, cache
+        return layout.unpack(x)[:, -1], cache
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, D] of a padded batch, as a transformers base model returns its
         last_hidden_state (zeros at padding). Padding may sit on the left and on the right of each row."""
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        layout = _Layout.from_mask(mask)
-        if position_ids is None:
-            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-        positions = layout.pack(position_ids)
-        x = self.embed(layout.pack(input_ids))
-        cos, sin = self._rope(x, positions)
-        width = mask.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
-        attn_mask = ((causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=mask.device))
-        for layer in self.layers:
-            x, _, _ = self._block(layer, x, layout, cos, sin, attn_mask[:, None])
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+        x, layout, _ = self._encode(input_ids, mask, position_ids)
         return layout.unpack(rms_norm(x, self.final_norm))
 
     # ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerorl.lm.native import SUPPORTED_MODEL_TYPES, NativeDecoder
+from zerorl.lm.native import SUPPORTED_MODEL_TYPES, NativeDecoder, unsupported_reason
 
 # RoPE types whose frequencies are fixed at load time (the "dynamic" ones change with the sequence length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -223,9 +223,6 @@ def load_native_model(directory: str | os.PathLike, dtype: torch.dtype | str = t
     config = AutoConfig.from_pretrained(directory)
     if _rope_parameters(config).get("rope_type", "default") not in STATIC_ROPE_TYPES:
         return None
-    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False) \
-            or any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or [])):
-        return None
     try:
         generation_config = GenerationConfig.from_pretrained(directory)
     except OSError:
@@ -236,6 +233,8 @@ def load_native_model(directory: str | os.PathLike, dtype: torch.dtype | str = t
     # Parameters start as uninitialized storage (never touched, so never resident) and are replaced by
     # the checkpoint's tensors. (A "meta" device build would import torch's compiler stack: +100 MB.)
     model = NativeCausalLM(config, generation_config)
+    if unsupported_reason(model) is not None:  # the same conditions as the native forward (activation, ...)
+        return None
     state = {}
     index = directory / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \

@@ -33,7 +33,7 @@ from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
 from zerorl.core.losses import aggregate, policy_loss, value_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.lora import merge_lora
-from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
+from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     NonFiniteLossError,
     begin_training,
@@ -41,6 +41,7 @@ from zerorl.lm.runtime import (
     finish_run,
     make_optimizer,
     make_scheduler,
+    next_prompts,
     nonfinite_abort_message,
     rollout_seed,
     run_evaluation,
@@ -141,9 +142,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         step_start = time.perf_counter()
 
         # 1. Prompts → samples → scalar scores (verifiers or a reward model).
-        rows = [run.task.train_row(data_cursor + i) for i in range(config.prompts_per_step)]
-        data_cursor += config.prompts_per_step
-        prompts = render_prompts(rows, run.template, run.tokenizer)
+        prompts, data_cursor = next_prompts(run, data_cursor)
         batch, timings = rollout_and_score(run.engine, prompts, sampling, reward_set,
                                            seed=rollout_seed(config, step))
         train_start = time.perf_counter()
@@ -182,6 +181,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 grad_norms.append(grad_norm.item())
                 critic_grad_norms.append(critic_grad_norm.item())
         scheduler.step()
+        run.engine.sync_weights(policy)  # vLLM copies the updated weights; the in-process engine reads them live
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped_in_a_row >= config.max_nonfinite_steps:
             raise NonFiniteLossError(nonfinite_abort_message(step + 1, skipped_in_a_row, run.checkpoint_root))

@@ -33,7 +33,9 @@ import torch
 from transformers import DynamicCache
 
 from zerorl.core.logprobs import selective_log_softmax
+from zerorl.lm.forward import position_ids_from_mask
 from zerorl.lm.native import NativeDecoder, layer_flops, threads_for, unsupported_reason
+from zerorl.lm.native_model import NativeCausalLM
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -177,7 +179,7 @@ class HFRolloutEngine:
             return  # same module: its updated weights are read live
         self.model = model
         # zerorl's own model class has no KV-cache forward: it always decodes natively.
-        own_model = type(model).__name__ == "NativeCausalLM"
+        own_model = isinstance(model, NativeCausalLM)
         self.native = NativeDecoder(model) if (self.use_native or own_model) and unsupported_reason(model) is None \
             else None
         forward_params = inspect.signature(model.forward).parameters
@@ -357,7 +359,7 @@ class _TransformersDecodeState:
     def start(cls, engine: HFRolloutEngine, prompt_ids, prompt_mask, expand):
         # Left padding shifts tokens right; positions must count real tokens only, so that a padded
         # row sees the same rotary positions as the same prompt run alone.
-        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(prompt_mask)
         cache = DynamicCache(config=engine.model.config)
         logits = cls._forward(engine, prompt_ids, prompt_mask, position_ids, cache)[expand]
         cache.batch_select_indices(expand)

@@ -44,6 +44,7 @@ from zerorl.config import ConfigError, TrainConfig, config_to_dict
 from zerorl.lm.evaluate import evaluate
 from zerorl.lm.models import load_model_and_tokenizer, save_model
 from zerorl.lm.native import NativeDecoder, unsupported_reason
+from zerorl.lm.pipeline import render_prompts
 from zerorl.lm.rollout import HFRolloutEngine, SamplingParams
 from zerorl.rewards import BUILTIN_REWARDS, ProcessRewardFunction, RewardSet, load_reward_function
 from zerorl.tasks import TASKS, get_task
@@ -372,6 +373,13 @@ def sampling_params(config: TrainConfig) -> SamplingParams:
     """The training rollout's sampling settings (G samples per prompt)."""
     return SamplingParams(n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
                           top_k=config.top_k, max_new_tokens=config.max_completion_length)
+
+
+def next_prompts(run: LMRun, data_cursor: int) -> tuple[list[str], int]:
+    """The step's prompts_per_step training prompts, rendered, from ``data_cursor``; and the cursor after them."""
+    count = run.config.prompts_per_step
+    rows = [run.task.train_row(data_cursor + i) for i in range(count)]
+    return render_prompts(rows, run.template, run.tokenizer), data_cursor + count
 
 
 def rollout_seed(config: TrainConfig, step: int) -> int:

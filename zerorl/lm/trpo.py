@@ -40,13 +40,14 @@ from zerorl.core.trust_region import TRPOStepInfo, trpo_step
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import completion_logits
 from zerorl.lm.lora import merge_lora
-from zerorl.lm.pipeline import completion_metrics, render_prompts, rollout_and_score
+from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     begin_training,
     describe_eval,
     finish_run,
     make_optimizer,
     make_scheduler,
+    next_prompts,
     rollout_seed,
     run_evaluation,
     sampling_params,
@@ -291,9 +292,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         step_start = time.perf_counter()
 
         # 1. Prompts → samples → scores.
-        rows = [run.task.train_row(data_cursor + i) for i in range(config.prompts_per_step)]
-        data_cursor += config.prompts_per_step
-        prompts = render_prompts(rows, run.template, run.tokenizer)
+        prompts, data_cursor = next_prompts(run, data_cursor)
         batch, timings = rollout_and_score(run.engine, prompts, sampling, reward_set,
                                            seed=rollout_seed(config, step))
         train_start = time.perf_counter()
@@ -309,6 +308,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
         # 4. The natural-gradient step with its line search, then the critic.
         info = trust_region_update(policy, policy_params, batch, old_vocab, config)
+        run.engine.sync_weights(policy)  # vLLM copies the updated weights; the in-process engine reads them live
         critic_metrics = {}
         if with_critic:
             critic_metrics = fit_critic(policy, critic, critic_params, optimizer, batch, config,
