@@ -10,8 +10,9 @@ What it does:
   2. creates benchmarks/.venv-trl (python -m venv; torch==2.13.0 CPU first, so pip never pulls a CUDA
      build, then trl==1.16.0) unless it already holds those versions;
   3. per model, runs in fresh processes, alternating: TRL with gradient checkpointing on, zerorl,
-     zerorl with bf16=true (autocast, reported beside; --no-bf16 skips it), TRL with it off, zerorl
-     (× --rounds), so that a change in machine load hits every system alike;
+     zerorl with bf16=true (autocast, reported beside; --no-bf16 skips it), TRL with it off, zerorl-lean
+     (cpu_workers=1 micro_batch_size=8: zerorl's memory setting, as checkpointing is TRL's; --no-lean skips
+     it), zerorl (× --rounds), so that a change in machine load hits every system alike;
   4. prints s/step, completion tokens/s and peak RSS per system, and the ratios against TRL at its best
      (speed against its faster setting, memory against its leaner one); appends them to RESULTS.md.
 
@@ -199,6 +200,10 @@ def run_zerorl(model_dir: Path, steps: int = 6, threads: int = 2, prompts: int =
     return result
 
 
+ZERORL_EXTRA = {"zerorl": (), "zerorl-bf16": ("bf16=true",),
+                "zerorl-lean": ("cpu_workers=1", "micro_batch_size=8")}
+
+
 def aggregate(runs: list[dict]) -> dict:
     """Pool the timed steps of every run of one system; RSS as the range over runs."""
     seconds = [s for run in runs for s in run["step_seconds"]]
@@ -246,6 +251,12 @@ def format_model_table(name: str, stats: dict[str, dict], floor_s: dict[str, flo
         own = floor_s["zerorl-own-flops"]
         lines[-1] += (f"; of zerorl's own FLOPs (each prompt once per group) {own:.3f} s, zerorl at "
                       f"{own / z['seconds_per_step']:.1%} of it")
+    if "zerorl-lean" in stats:
+        lean = stats["zerorl-lean"]
+        lines.append("")
+        lines.append(f"**{name}, zerorl-lean (cpu_workers=1 micro_batch_size=8): peak RSS / TRL-leanest = "
+                     f"{lean['rss_max'] / leanest['rss_max']:.2f}** (target ≤ 0.70); completion tokens/s / "
+                     f"TRL-best = {lean['tokens_per_second'] / fastest['tokens_per_second']:.2f}×")
     if "zerorl-bf16" in stats:
         bf16 = stats["zerorl-bf16"]
         lines.append("")
@@ -262,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="repeats of [TRL on, zerorl, TRL off, zerorl]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", action="store_true", help="skip zerorl with bf16 autocast (bf16=true)")
+    parser.add_argument("--no-lean", action="store_true",
+                        help="skip zerorl-lean (cpu_workers=1 micro_batch_size=8, the memory setting)")
     parser.add_argument("--no-floor", action="store_true", help="skip the fp32 FLOP-floor column (floor.py)")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -277,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_bf16:  # reported beside: bf16 autocast over float32 weights, not the same precision
             runs["zerorl-bf16"] = []
             order.insert(2, ("zerorl-bf16", None))
+        if not args.no_lean:  # zerorl's memory setting, beside its default (TRL's is gradient checkpointing)
+            runs["zerorl-lean"] = []
+            order.insert(len(order) - 1, ("zerorl-lean", None))
         for round_index in range(args.rounds):
             for index, (system, checkpointing) in enumerate(order):
                 tag = f"{name}-{system}-r{round_index}-{index}"
@@ -285,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_zerorl(model_dir, settings.steps, settings.threads, settings.prompts,
                                         settings.generations, settings.completion_length, settings.beta,
                                         settings.learning_rate, tag=tag,
-                                        extra=("bf16=true",) if system == "zerorl-bf16" else ())
+                                        extra=ZERORL_EXTRA[system])
                 else:
                     result = run_trl(model_dir, checkpointing, settings, tag)
                 result["load_average_after"] = os.getloadavg()[0]
@@ -322,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
               f"arithmetic prompts (compact template), rewards accuracy + format; {settings.steps} steps per "
               "run, the first not timed; order per round: TRL ckpt on, zerorl, "
               + ("" if args.no_bf16 else "zerorl bf16=true (autocast; reported beside), ")
-              + "TRL ckpt off, zerorl, each in a fresh process; zerorl with its defaults (native forward, "
-              "micro_batch_size 16).")
+              + "TRL ckpt off, " + ("" if args.no_lean else "zerorl-lean (cpu_workers=1 micro_batch_size=8), ")
+              + "zerorl, each in a fresh process; zerorl with its defaults (native forward, micro_batch_size 16, "
+              "cpu_workers 0 = one single-threaded worker per thread).")
     WORK_DIR.mkdir(exist_ok=True)
     (WORK_DIR / "vs_trl_latest.json").write_text(json.dumps({"header": header, "models": raw}, indent=2))
     print(header)

@@ -129,6 +129,33 @@ def test_the_grpo_loss_on_a_fixed_batch_equals_the_plain_implementation(model_an
         assert abs(float(native_metrics["kl"]) - float(plain_metrics["kl"])) < 1e-5
 
 
+def test_filler_rows_of_a_bucketed_packing_change_no_logit_and_no_gradient(model_and_tokenizer, monkeypatch):
+    """Under autocast the packed length is rounded up with filler rows; they must be invisible. Checked in
+    float32 (where an exact comparison is possible) by forcing the bucket on."""
+    import zerorl.lm.native as native_module
+
+    model, _ = model_and_tokenizer
+    batch = _random_batch(model.config.vocab_size)
+    weights = torch.randn(batch[2].shape + (model.config.vocab_size,), generator=torch.Generator().manual_seed(2))
+    weights = weights * batch[3][..., None]
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = NativeDecoder(model).completion_logits(*batch)
+        (logits * weights).sum().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain_logits, plain_grads = logits_and_grads()
+    monkeypatch.setattr(native_module, "_row_bucket", lambda device: 64)
+    packed = native_module._Layout.from_mask(batch[3].bool(), 64)
+    assert len(packed.packed_index) == 64 and len(packed.index) == int(batch[3].sum())  # filler is really there
+    bucket_logits, bucket_grads = logits_and_grads()
+    assert torch.allclose(bucket_logits, plain_logits, atol=1e-6, rtol=0)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(bucket_grads[name], grad, atol=1e-6, rtol=1e-5), name
+    model.zero_grad()
+
+
 def test_lora_wrapped_layers_run_as_modules(tmp_path):
     directory = build_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
     model, tokenizer = load_model_and_tokenizer(str(directory), native=False)

@@ -87,6 +87,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # CPU: micro-batches and rollout shards run on this many single-threaded workers at once (zerorl.lm.parallel;
+    # 0 = one per thread of num_threads, 1 = off: every op split across the threads, the plain torch way)
+    cpu_workers: int = 0
     native_model: bool = True  # zerorl.lm.native forward for llama/qwen2/qwen3 (same math, leaner); false = transformers'
     bf16: bool = False  # bf16 autocast over float32 weights in rollout, reference and training passes (TRL's bf16)
     use_vllm: bool = False  # sample with vLLM (GPU; pip install zerorl[vllm]); weights synced after each update
@@ -137,6 +140,8 @@ class TrainConfig:
         if self.bf16 and self.algo == "trpo":
             raise ConfigError("bf16=true with algo=trpo: TRPO differentiates the KL twice (Fisher-vector "
                               "products), which needs float32 logits. Fix: bf16=false for TRPO.")
+        _check("num_threads", self.num_threads, self.num_threads >= 0, "must be ≥ 0 (0 = torch's default)")
+        _check("cpu_workers", self.cpu_workers, self.cpu_workers >= 0, "must be ≥ 0 (0 = one per thread, 1 = off)")
         _check("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization,
                0.0 < self.vllm_gpu_memory_utilization < 1.0, "must be in (0, 1)")
         for name in ("max_steps", "prompts_per_step", "max_completion_length", "num_iterations",

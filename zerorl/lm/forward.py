@@ -10,6 +10,7 @@ with each prompt encoded once per group and no padding in the linear layers.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +19,7 @@ from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
 
 if TYPE_CHECKING:  # zerorl.lm.native imports position_ids_from_mask from here
     from zerorl.lm.native import NativeDecoder
+    from zerorl.lm.parallel import CPUWorkers
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,18 +62,29 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt
 
 @torch.no_grad()
 def batched_logprobs(model: torch.nn.Module, batch, micro_batch_size: int, temperature: float,
-                     native: NativeDecoder | None = None) -> torch.Tensor:
-    """Log-probs [N, Lc] of a whole RolloutBatch without autograd (old policy or reference)."""
+                     native: NativeDecoder | None = None, workers: CPUWorkers | None = None) -> torch.Tensor:
+    """Log-probs [N, Lc] of a whole RolloutBatch without autograd (old policy or reference).
+
+    With ``workers``, micro-batches run concurrently, each on one thread (the numbers a one-thread serial
+    pass gives)."""
     was_training = model.training
     model.eval()
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
-    for start in range(0, len(batch), micro_batch_size):
+
+    def micro_batch(start: int) -> None:
         rows = slice(start, start + micro_batch_size)
         mask = batch.completion_mask[rows]
         width = int(mask.sum(dim=0).nonzero().max()) + 1 if mask.any() else 1
         logprobs, _ = completion_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows],
                                           batch.completion_ids[rows, :width], mask[:, :width],
                                           temperature=temperature, native=native)
-        out[rows, :width] = logprobs.float()
+        out[rows, :width] = logprobs.float()  # disjoint rows: safe from concurrent workers
+
+    tasks = [functools.partial(micro_batch, start) for start in range(0, len(batch), micro_batch_size)]
+    if workers is not None:
+        workers.run(tasks)
+    else:
+        for task in tasks:
+            task()
     model.train(was_training)
     return out

@@ -31,6 +31,7 @@ from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
 from zerorl.lm.native import NativeDecoder, layer_flops, threads_for
+from zerorl.lm.parallel import Replicas, accumulate_gradients
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     LMRun,
@@ -110,6 +111,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     ref_native = native_decoder(ref_model, config) if ref_model is not None else None
 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    # One gradient accumulator per CPU worker: copies of the policy that share its weights (zerorl.lm.parallel).
+    replicas = Replicas(model, run.workers.num_workers if run.workers is not None else 1)
+    replica_natives = [policy_native] + [native_decoder(copy_, config) for copy_ in replicas.models[1:]]
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})
 
@@ -147,10 +151,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         with autocast(config, run.device), threads_for(work):
             if not on_policy:
                 batch.old_logprobs = batched_logprobs(model, batch, config.micro_batch_size, config.temperature,
-                                                      native=policy_native)
+                                                      native=policy_native, workers=run.workers)
             if ref_model is not None:
                 batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size,
-                                                      config.temperature, native=ref_native)
+                                                      config.temperature, native=ref_native, workers=run.workers)
 
         # 4. μ passes of minibatch updates.
         shuffle_gen = torch.Generator().manual_seed(config.seed * 7_919 + step)
@@ -164,14 +168,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             for mb_start in range(0, len(batch), minibatch_size):
                 minibatch = batch.select(order[mb_start:mb_start + minibatch_size])
                 optimizer.zero_grad(set_to_none=True)
-                loss_is_finite = True
-                for micro in minibatch.micro_batches(config.micro_batch_size):
-                    with threads_for(work):
-                        with autocast(config, run.device):
-                            loss, metrics = grpo_loss(model, micro, config, on_policy, native=policy_native)
-                        (loss * _share(micro, minibatch, config.loss_agg_mode)).backward()
-                    loss_is_finite = loss_is_finite and bool(torch.isfinite(loss))
+
+                def micro_loss(replica: int, micro: RolloutBatch, minibatch=minibatch):
+                    with autocast(config, run.device):
+                        loss, metrics = grpo_loss(replicas.models[replica], micro, config, on_policy,
+                                                  native=replica_natives[replica])
                     metrics["loss"] = loss.detach()
+                    return loss * _share(micro, minibatch, config.loss_agg_mode), metrics
+
+                # Micro-batches on the CPU workers at once when there are several (zerorl.lm.parallel).
+                micro_batches = list(minibatch.micro_batches(config.micro_batch_size))
+                with threads_for(work):
+                    per_micro = accumulate_gradients(run.workers, replicas, micro_batches, micro_loss,
+                                                     costs=[float(m.completion_mask.sum()) for m in micro_batches])
+                loss_is_finite = all(bool(torch.isfinite(metrics["loss"])) for metrics in per_micro)
+                for metrics in per_micro:
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

@@ -128,26 +128,45 @@ class SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight
 
 
+# Under bf16 autocast, packed row counts are rounded up to a multiple of this. oneDNN builds (and keeps) one
+# bf16 matmul kernel per distinct shape: with a new token count in every micro-batch it spent time building
+# them and kept hundreds (the 1.0M model's peak RSS 811 MB under bf16 against 415 MB in float32).
+AUTOCAST_ROW_BUCKET = 64
+
+
+def _row_bucket(device: torch.device) -> int:
+    return AUTOCAST_ROW_BUCKET if torch.is_autocast_enabled(device.type) else 1
+
+
 @dataclass
 class _Layout:
-    """Where the real tokens of a [rows, width] block sit, for packing and unpacking."""
+    """Where the real tokens of a [rows, width] block sit, for packing and unpacking.
+
+    ``pack`` may append filler rows (copies of the first token) so that the packed length is a multiple of
+    ``bucket``; they are computed and dropped by ``unpack``, so no real token, loss or gradient sees them.
+    """
 
     rows: int
     width: int
     index: torch.Tensor  # [N] flat positions (row·width + column) of the real tokens
+    packed_index: torch.Tensor  # [N + filler] what pack gathers
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> _Layout:
-        return cls(mask.shape[0], mask.shape[1], mask.reshape(-1).nonzero().squeeze(1))
+    def from_mask(cls, mask: torch.Tensor, bucket: int = 1) -> _Layout:
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        filler = -len(index) % bucket if len(index) else 0
+        packed_index = torch.cat([index, index[:1].expand(filler)]) if filler else index
+        return cls(mask.shape[0], mask.shape[1], index, packed_index)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """[rows, width, ...] → [N, ...]"""
-        return padded.reshape(self.rows * self.width, *padded.shape[2:]).index_select(0, self.index)
+        """[rows, width, ...] → [N (+ filler), ...]"""
+        return padded.reshape(self.rows * self.width, *padded.shape[2:]).index_select(0, self.packed_index)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """[N, ...] → [rows, width, ...], zeros where there is no token."""
+        """[N (+ filler), ...] → [rows, width, ...], zeros where there is no token."""
         flat = packed.new_zeros(self.rows * self.width, *packed.shape[1:])
-        return flat.index_copy(0, self.index, packed).reshape(self.rows, self.width, *packed.shape[1:])
+        real = packed[: len(self.index)]
+        return flat.index_copy(0, self.index, real).reshape(self.rows, self.width, *packed.shape[1:])
 
 
 class NativeDecoder:
@@ -224,7 +243,7 @@ class NativeDecoder:
         and poison the masked keys through 0·NaN).
         """
         mask = mask.bool()
-        layout = _Layout.from_mask(mask)
+        layout = _Layout.from_mask(mask, _row_bucket(mask.device))
         if position_ids is None:
             position_ids = position_ids_from_mask(mask)
         x = self.embed(layout.pack(input_ids))
@@ -279,7 +298,7 @@ class NativeDecoder:
         hidden_columns = [prompt_last[row_prompt][:, None, :]]  # predicts o_0
         if length > 1:
             input_mask = targets[:, 1:]
-            layout = _Layout.from_mask(input_mask)
+            layout = _Layout.from_mask(input_mask, _row_bucket(targets.device))
             prompt_lengths = p_mask.sum(1)[row_prompt]
             positions = layout.pack(prompt_lengths[:, None] + torch.arange(length - 1, device=targets.device))
             x = self.embed(layout.pack(completion_ids[:, :-1]))
@@ -292,7 +311,7 @@ class NativeDecoder:
                 x, _, _ = self._block(layer, x, layout, cos, sin, attn_mask, prefix=(pk[row_prompt], pv[row_prompt]))
             hidden_columns.append(layout.unpack(x))
         hidden = torch.cat(hidden_columns, dim=1)  # [B, Lc, D]
-        target_layout = _Layout.from_mask(targets)
+        target_layout = _Layout.from_mask(targets, _row_bucket(targets.device))
         logits = self.lm_head(rms_norm(target_layout.pack(hidden), self.final_norm))
         return target_layout.unpack(logits)
 
@@ -300,12 +319,33 @@ class NativeDecoder:
     # Decoding: static KV cache, fused weights, one token per row per step
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def decode_weights(self, device_type: str = "cpu") -> DecodeWeights:
+        """Each layer's q|k|v and gate|up weights concatenated, cast to the autocast dtype when autocast is on
+        (built once per rollout; several decode states may share them)."""
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        layers = [(_fused([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], dtype),
+                   _fused([layer.self_attn.o_proj], dtype),
+                   _fused([layer.mlp.gate_proj, layer.mlp.up_proj], dtype), _fused([layer.mlp.down_proj], dtype))
+                  for layer in self.layers]
+        return DecodeWeights(layers, _fused([self.lm_head], dtype))
+
+    @torch.no_grad()
     def start_decoding(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, row_prompt: torch.Tensor,
-                       max_new_tokens: int) -> tuple[torch.Tensor, DecodeState]:
+                       max_new_tokens: int, weights: DecodeWeights | None = None) -> tuple[torch.Tensor, DecodeState]:
         """Prefill the distinct prompts once; return (next-token logits per row [b, V], the decode state)."""
         last, prompt_cache = self.encode_prompts(prompt_ids, prompt_mask)
         logits = self.lm_head(rms_norm(last, self.final_norm))[row_prompt]
-        return logits, DecodeState(self, prompt_cache, prompt_mask, row_prompt, max_new_tokens)
+        weights = weights if weights is not None else self.decode_weights(prompt_ids.device.type)
+        return logits, DecodeState(self, prompt_cache, prompt_mask, row_prompt, max_new_tokens, weights)
+
+
+@dataclass
+class DecodeWeights:
+    """Per layer (q|k|v, o, gate|up, down) as (weight, bias) — None where a layer must be called as a module
+    (e.g. LoRA-wrapped) — and the LM head's."""
+
+    layers: list[tuple]
+    lm_head: tuple | None
 
 
 def _fused(modules: list[nn.Module], dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -333,7 +373,8 @@ class DecodeState:
     mask is the prompt's padding mask followed by ones.
     """
 
-    def __init__(self, decoder: NativeDecoder, prompt_cache, prompt_mask, row_prompt, max_new_tokens: int):
+    def __init__(self, decoder: NativeDecoder, prompt_cache, prompt_mask, row_prompt, max_new_tokens: int,
+                 weights: DecodeWeights):
         self.decoder = decoder
         prompt_width = prompt_mask.shape[1]
         rows = len(row_prompt)
@@ -349,14 +390,7 @@ class DecodeState:
                                    prompt_mask.new_ones(rows, max_new_tokens, dtype=torch.bool)], dim=1)
         self.positions = prompt_mask.sum(1)[row_prompt]  # position of the first generated token
         self.has_padding = not bool(prompt_mask.bool().all())
-        device_type = prompt_mask.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        self.weights = []  # per layer: q|k|v, o, gate|up, down as (weight, bias), None = call the module
-        for layer in decoder.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.weights.append((_fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype), _fused([attn.o_proj], dtype),
-                                 _fused([mlp.gate_proj, mlp.up_proj], dtype), _fused([mlp.down_proj], dtype)))
-        self.lm_head = _fused([decoder.lm_head], dtype)
+        self.weights, self.lm_head = weights.layers, weights.lm_head
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (the others finished)."""
@@ -407,5 +441,5 @@ class DecodeState:
         return _linear(rms_norm(x, d.final_norm), self.lm_head, d.lm_head)
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "NativeDecoder", "SwiGLUDown", "layer_flops", "rms_norm",
+__all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "DecodeWeights", "NativeDecoder", "SwiGLUDown", "layer_flops", "rms_norm",
            "rotate", "threads_for", "unsupported_reason"]

@@ -24,18 +24,27 @@ so the ratio π_θ/π_old is 1 (up to float rounding) before the first update. F
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
 from zerorl.core.logprobs import selective_log_softmax
 from zerorl.lm.forward import position_ids_from_mask
-from zerorl.lm.native import NativeDecoder, layer_flops, threads_for, unsupported_reason
+from zerorl.lm.native import (
+    SMALL_WORK_FLOPS_PER_LAYER,
+    NativeDecoder,
+    layer_flops,
+    threads_for,
+    unsupported_reason,
+)
 from zerorl.lm.native_model import NativeCausalLM
+from zerorl.lm.parallel import CPUWorkers
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -150,6 +159,15 @@ def sample_next_token(
     return token, logprob
 
 
+def _shard_generator(seed: int | None, shard: int, device) -> torch.Generator | None:
+    """The sampling stream of rollout shard ``shard`` under ``seed``: independent streams per shard
+    (numpy's SeedSequence mixes the pair), the same for the same (seed, shard) whatever the worker count."""
+    if seed is None:
+        return None
+    entropy = int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(entropy)
+
+
 class HFRolloutEngine:
     """Batched sampling from a live Hugging Face policy with a shared-prefix KV cache.
 
@@ -157,16 +175,20 @@ class HFRolloutEngine:
     samples may be split across batches. Reproducible per `seed` for a fixed batch split.
     `native=True` decodes supported architectures with ``zerorl.lm.native`` (same distribution);
     `autocast_dtype` (e.g. torch.bfloat16) runs the forward passes under CPU/CUDA autocast.
+    `workers` (``zerorl.lm.parallel.CPUWorkers``): when a decode step is big enough to pay, the prompts are
+    split into one shard per worker and the shards decoded at once, each on one thread with its own
+    sampling stream (reproducible per seed and worker count).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int | None = None,
-                 native: bool = True, autocast_dtype: torch.dtype | None = None):
+                 native: bool = True, autocast_dtype: torch.dtype | None = None, workers: CPUWorkers | None = None):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}.")
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.use_native = native
         self.autocast_dtype = autocast_dtype
+        self.workers = workers
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise ValueError("tokenizer has neither pad_token_id nor eos_token_id; set tokenizer.pad_token.")
@@ -201,26 +223,37 @@ class HFRolloutEngine:
         prompt_ids, prompt_mask = self._tokenize_left_padded(prompts, device)
         num_rows = len(prompts) * params.n
         row_prompt = torch.arange(len(prompts), device=device).repeat_interleave(params.n)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
         batch_size = self.max_batch_size or num_rows
-        tokens, logprobs, lengths, reasons = [], [], [], []
+        # One decode step's work per layer decides whether a second thread pays (native models), and whether
+        # the rows are worth splitting into shards decoded at once by single-threaded workers.
+        work = layer_flops(self.model, min(batch_size, num_rows)) if self.native is not None else float("inf")
+        parallel = self.native is not None and self.workers is not None and self.workers.parallel \
+            and work >= SMALL_WORK_FLOPS_PER_LAYER and len(prompts) > 1
+        if parallel:  # whole prompts per shard (their prefill is shared), one shard per worker
+            batch_size = min(batch_size, -(-len(prompts) // self.workers.num_workers) * params.n)
+        chunks = [row_prompt[first : first + batch_size] for first in range(0, num_rows, batch_size)]
         was_training = self.model.training
         self.model.eval()
         try:
-            # One decode step's work per layer decides whether a second thread pays (native models).
-            work = layer_flops(self.model, min(batch_size, num_rows)) if self.native is not None else float("inf")
-            with torch.inference_mode(), self._autocast(device), threads_for(work):
-                for first in range(0, num_rows, batch_size):
-                    rows = row_prompt[first : first + batch_size]
-                    out = self._decode_batch(prompt_ids, prompt_mask, rows, params, generator)
-                    tokens.append(out[0])
-                    logprobs.append(out[1])
-                    lengths.append(out[2])
-                    reasons.extend(out[3])
+            with torch.inference_mode(), self._autocast(device):
+                if parallel:
+                    # Each shard samples from its own stream, so no draw depends on which worker runs first.
+                    weights = self.native.decode_weights(device.type)  # shared by the shards
+                    tasks = [functools.partial(self._decode_batch, prompt_ids, prompt_mask, rows, params,
+                                               _shard_generator(seed, index, device), weights)
+                             for index, rows in enumerate(chunks)]
+                    outs = self.workers.run(tasks)
+                else:
+                    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+                    with threads_for(work):
+                        outs = [self._decode_batch(prompt_ids, prompt_mask, rows, params, generator)
+                                for rows in chunks]
         finally:
             self.model.train(was_training)
+        tokens = [out[0] for out in outs]
+        logprobs = [out[1] for out in outs]
+        lengths = [out[2] for out in outs]
+        reasons = [reason for out in outs for reason in out[3]]
         # Tensors made under inference_mode cannot be saved for backward; clone them into normal
         # tensors so the trainer can feed them to autograd (e.g. as embedding input ids).
         width = max(t.shape[1] for t in tokens)
@@ -262,7 +295,7 @@ class HFRolloutEngine:
             prompt_mask[row, width - len(ids) :] = 1
         return prompt_ids.to(device), prompt_mask.to(device)
 
-    def _decode_batch(self, all_prompt_ids, all_prompt_mask, row_prompt, params, generator):
+    def _decode_batch(self, all_prompt_ids, all_prompt_mask, row_prompt, params, generator, weights=None):
         """Decode the rows in `row_prompt` (each entry = index of its prompt), prompt-major.
 
         Returns (tokens [b, Lc], logprobs [b, Lc], lengths [b], finish reasons).
@@ -275,7 +308,8 @@ class HFRolloutEngine:
 
         # Prefill each distinct prompt once; its keys and values are shared by its samples.
         if self.native is not None:
-            logits, state = self.native.start_decoding(prompt_ids, prompt_mask, expand, params.max_new_tokens)
+            logits, state = self.native.start_decoding(prompt_ids, prompt_mask, expand, params.max_new_tokens,
+                                                       weights)
         else:
             logits, state = _TransformersDecodeState.start(self, prompt_ids, prompt_mask, expand)
 

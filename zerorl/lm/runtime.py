@@ -44,8 +44,10 @@ from zerorl.config import ConfigError, TrainConfig, config_to_dict
 from zerorl.lm.evaluate import evaluate
 from zerorl.lm.models import load_model_and_tokenizer, save_model
 from zerorl.lm.native import NativeDecoder, unsupported_reason
+from zerorl.lm.parallel import CPUWorkers, default_num_workers
 from zerorl.lm.pipeline import render_prompts
 from zerorl.lm.rollout import HFRolloutEngine, SamplingParams
+from zerorl.optim import AdamW, LRSchedule
 from zerorl.rewards import BUILTIN_REWARDS, ProcessRewardFunction, RewardSet, load_reward_function
 from zerorl.tasks import TASKS, get_task
 from zerorl.tracking import MetricsLogger, plot_lm_run
@@ -105,16 +107,10 @@ def build_reward_set(task, config: TrainConfig) -> RewardSet:
     return RewardSet(funcs, error_policy=config.reward_errors)
 
 
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel where this torch has it for the parameters' device (one pass over each
-    tensor, no temporaries the size of the model), else the default implementation."""
-    params = list(params)
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                  weight_decay=config.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # e.g. an older torch without fused AdamW on this device
-        return torch.optim.AdamW(params, **kwargs)
+def make_optimizer(params, config: TrainConfig) -> AdamW:
+    """AdamW (zerorl.optim: torch's fused kernel, without importing torch.optim's dynamo machinery)."""
+    return AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                 weight_decay=config.weight_decay)
 
 
 _LIBC = None
@@ -143,7 +139,7 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+def make_scheduler(optimizer: AdamW, config: TrainConfig, total_steps: int) -> LRSchedule:
     """Linear warm-up, then constant, linear decay to 0, or cosine decay to 0."""
     warmup = config.warmup_steps
 
@@ -157,7 +153,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return LRSchedule(optimizer, factor)
 
 
 @dataclass
@@ -174,6 +170,7 @@ class LMRun:
     engine: HFRolloutEngine
     reward_set: RewardSet
     eval_rows: list[dict]
+    workers: CPUWorkers | None = None  # single-threaded workers for micro-batches and rollout shards (CPU)
     logger: MetricsLogger | None = None
     start_time: float = field(default_factory=time.perf_counter)
     wall_seconds_before: float = 0.0  # wall time of earlier segments of a resumed run
@@ -222,12 +219,13 @@ def setup_lm_run(config: TrainConfig, resume: bool = False) -> LMRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Atomic: `--resume` reads this file back, and a kill while it is written must not leave it empty.
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    engine = build_engine(config, model, tokenizer, model_path)
+    workers = CPUWorkers(default_num_workers(config.cpu_workers, device))
+    engine = build_engine(config, model, tokenizer, model_path, workers)
     return LMRun(config=config, run_dir=run_dir, device=device, task=task, model=model, tokenizer=tokenizer,
-                 template=template, engine=engine, reward_set=reward_set, eval_rows=eval_rows)
+                 template=template, engine=engine, reward_set=reward_set, eval_rows=eval_rows, workers=workers)
 
 
-def build_engine(config: TrainConfig, model, tokenizer, model_path: str):
+def build_engine(config: TrainConfig, model, tokenizer, model_path: str, workers: CPUWorkers | None = None):
     """The rollout engine: vLLM when use_vllm (the trainer syncs its weights after every update), else
     the in-process engine over the live policy module."""
     if config.use_vllm:
@@ -236,7 +234,7 @@ def build_engine(config: TrainConfig, model, tokenizer, model_path: str):
         return VLLMRolloutEngine(model_path, tokenizer, dtype=config.dtype,
                                  gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed)
     return HFRolloutEngine(model, tokenizer, native=config.native_model,
-                           autocast_dtype=torch.bfloat16 if config.bf16 else None)
+                           autocast_dtype=torch.bfloat16 if config.bf16 else None, workers=workers)
 
 
 def native_decoder(model, config: TrainConfig) -> NativeDecoder | None:
@@ -424,6 +422,8 @@ def close_reward_workers(run: LMRun) -> None:
 def finish_run(run: LMRun, extra: dict | None = None) -> dict:
     """Save final/, summary.json and plots; return the summary."""
     close_reward_workers(run)
+    if run.workers is not None:
+        run.workers.shutdown()
     save_model(run.model, run.tokenizer, run.run_dir / "final")
     for leftover in run.run_dir.glob(".final.tmp-*"):  # a save_model killed mid-write in an earlier segment
         shutil.rmtree(leftover, ignore_errors=True)

@@ -23,6 +23,7 @@ from torch import nn
 
 from zerorl.config import TrainConfig
 from zerorl.lm.forward import position_ids_from_mask
+from zerorl.optim import AdamW
 from zerorl.rewards import RewardSet
 
 
@@ -165,7 +166,7 @@ def parameter_counts(modules: dict[str, nn.Module | None]) -> dict[str, dict[str
     return out
 
 
-def model_state_bytes(modules: dict[str, nn.Module | None], optimizer: torch.optim.Optimizer | None) -> int:
+def model_state_bytes(modules: dict[str, nn.Module | None], optimizer: AdamW | None) -> int:
     """Bytes of every parameter held, their gradients (trainable ones) and the optimizer's state tensors:
     the "model memory" that the article's figure counts, measured on the live objects."""
     seen: set[int] = set()

@@ -1,0 +1,198 @@
+"""zerorl.lm.parallel: single-threaded CPU workers give the same numbers as the serial passes — bit for bit
+where each micro-batch is computed alone (reference pass, decoding), to float rounding where gradients are
+summed in another order, and the same on every run."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zerorl.lm.rollout as rollout_module
+from zerorl.config import TrainConfig
+from zerorl.lm import grpo
+from zerorl.lm.batch import RolloutBatch
+from zerorl.lm.forward import batched_logprobs, completion_logprobs
+from zerorl.lm.grpo import grpo_loss
+from zerorl.lm.models import load_model_and_tokenizer
+from zerorl.lm.native import NativeDecoder
+from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients, balanced_shards
+from zerorl.lm.rollout import HFRolloutEngine, SamplingParams, _shard_generator
+
+
+@pytest.fixture
+def one_thread():
+    """Serial references are computed on one thread, as each worker computes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(random_tiny_model):
+    return load_model_and_tokenizer(str(random_tiny_model))
+
+
+def _batch(model, tokenizer, rows_per_prompt: int = 4, seed: int = 0) -> RolloutBatch:
+    engine = HFRolloutEngine(model, tokenizer)
+    out = engine.generate(["12+3=", "7*8=", "100-1=", "5="], SamplingParams(n=rows_per_prompt, max_new_tokens=10),
+                          seed=seed)
+    batch = RolloutBatch(prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, completion_ids=out.completion_ids,
+                         completion_mask=out.completion_mask, sampling_logprobs=out.sampling_logprobs,
+                         prompt_index=out.prompt_index)
+    batch.advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(seed))
+    batch.ref_logprobs = out.sampling_logprobs.clone()
+    return batch
+
+
+def test_balanced_shards_by_hand():
+    # Largest first onto the least-loaded shard: 5→A, 4→B, 3→B (4 < 5), 2→A (5 < 7), 1→A (7 = 7: first shard).
+    assert balanced_shards([5, 1, 4, 2, 3], 2) == [[0, 1, 3], [2, 4]]
+    assert balanced_shards([1.0], 3) == [[0]]  # never an empty shard
+
+
+def test_workers_carry_grad_mode_autocast_inference_and_restore_the_thread_count():
+    workers = CPUWorkers(2)
+    barrier = threading.Barrier(2, timeout=10)
+
+    def probe():
+        barrier.wait()  # both tasks are in flight at once: two workers really run
+        return (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.is_inference_mode_enabled(),
+                torch.get_num_threads(), threading.current_thread().name)
+
+    before = torch.get_num_threads()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = workers.run([probe, probe])
+    with torch.inference_mode():
+        inference = workers.run([probe, probe])
+    workers.shutdown()
+    assert [s[:4] for s in seen] == [(False, True, False, 1)] * 2
+    assert all(s[2] for s in inference)
+    assert len({s[4] for s in seen}) == 2 and all(s[4].startswith("zerorl-cpu") for s in seen)
+    assert torch.get_num_threads() == before
+
+
+def test_parallel_reference_pass_equals_the_serial_pass_bit_for_bit(model_and_tokenizer, one_thread):
+    model, tokenizer = model_and_tokenizer
+    batch = _batch(model, tokenizer)
+    native = NativeDecoder(model)
+    serial = batched_logprobs(model, batch, micro_batch_size=4, temperature=0.7, native=native)
+    workers = CPUWorkers(2)
+    parallel = batched_logprobs(model, batch, micro_batch_size=4, temperature=0.7, native=native, workers=workers)
+    workers.shutdown()
+    assert torch.equal(parallel, serial)
+    assert serial[batch.completion_mask.bool()].abs().min() > 0  # real numbers, not an untouched buffer
+
+
+def _gradients(model, batch, workers, replicas, config):
+    model.zero_grad(set_to_none=True)
+    micro_batches = list(batch.micro_batches(4))
+    natives = [NativeDecoder(m) for m in replicas.models]
+
+    def loss_fn(replica, micro):
+        loss, metrics = grpo_loss(replicas.models[replica], micro, config, on_policy=True, native=natives[replica])
+        return loss * len(micro) / len(batch), float(loss)
+
+    losses = accumulate_gradients(workers, replicas, micro_batches, loss_fn,
+                                  costs=[float(m.completion_mask.sum()) for m in micro_batches])
+    return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_parallel_gradients_equal_the_serial_sum_and_repeat_exactly(model_and_tokenizer, one_thread):
+    model, tokenizer = model_and_tokenizer
+    batch = _batch(model, tokenizer)
+    config = TrainConfig(beta=0.04, max_completion_length=10)
+    serial_losses, serial = _gradients(model, batch, None, Replicas(model, 1), config)
+
+    workers, replicas = CPUWorkers(2), Replicas(model, 2)
+    losses, first = _gradients(model, batch, workers, replicas, config)
+    _, second = _gradients(model, batch, workers, replicas, config)
+    workers.shutdown()
+
+    assert losses == serial_losses  # each micro-batch's loss is computed alone: identical
+    for name, grad in serial.items():
+        assert torch.allclose(first[name], grad, atol=1e-7, rtol=1e-5), name  # another summation order
+        assert torch.equal(first[name], second[name]), name  # ... but always the same one
+    assert all(p.grad is None for p in replicas.models[1].parameters())  # the copy's sums were handed over
+
+
+def test_replicas_share_the_weights_but_not_the_gradients(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    replicas = Replicas(model, 2)
+    original, twin = next(model.parameters()), next(replicas.models[1].parameters())
+    assert twin is not original and twin.data_ptr() == original.data_ptr()
+    before = original.detach().clone()
+    with torch.no_grad():
+        original.add_(1.0)  # an optimizer step writes in place: the copy sees it
+    assert torch.equal(twin, before + 1.0)
+    with torch.no_grad():
+        original.sub_(1.0)
+
+
+def test_sharded_decoding_is_each_shard_decoded_alone_with_its_own_stream(model_and_tokenizer, monkeypatch,
+                                                                           one_thread):
+    """Shards are worth it only for big decode steps; force them on the tiny model."""
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(rollout_module, "SMALL_WORK_FLOPS_PER_LAYER", 0)
+    prompts, params = ["12+3=", "7*8=", "100-1=", "5="], SamplingParams(n=3, max_new_tokens=12, temperature=1.0)
+    workers = CPUWorkers(2)
+    engine = HFRolloutEngine(model, tokenizer, workers=workers)
+    out = engine.generate(prompts, params, seed=11)
+    again = engine.generate(prompts, params, seed=11)
+    workers.shutdown()
+    assert torch.equal(out.completion_ids, again.completion_ids)
+
+    # The same rows, shard by shard, serially: 2 prompts (6 rows) per shard, shard k on stream (seed, k).
+    serial = HFRolloutEngine(model, tokenizer)
+    prompt_ids, prompt_mask = serial._tokenize_left_padded(prompts, torch.device("cpu"))
+    rows = torch.arange(4).repeat_interleave(3)
+    for shard, first in enumerate((0, 6)):
+        tokens, logprobs, lengths, _ = serial._decode_batch(prompt_ids, prompt_mask, rows[first:first + 6], params,
+                                                            _shard_generator(11, shard, "cpu"))
+        width = tokens.shape[1]
+        assert torch.equal(out.completion_ids[first:first + 6, :width], tokens)
+        assert torch.equal(out.sampling_logprobs[first:first + 6, :width], logprobs)
+
+    # And the sampled log-probs are the model's: a training-style re-scoring agrees.
+    rescored, _ = completion_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                      out.completion_mask, temperature=1.0)
+    mask = out.completion_mask.bool()
+    assert torch.allclose(rescored[mask], out.sampling_logprobs[mask], atol=1e-5)
+
+
+def test_a_grpo_run_on_two_workers_repeats_exactly_and_tracks_the_serial_run(random_tiny_model, digits_reward,
+                                                                             tmp_path, monkeypatch):
+    concurrent = []  # task counts of the runs that really went to the workers
+    original_run = CPUWorkers.run
+
+    def spy(self, tasks):
+        if self.parallel:
+            concurrent.append(len(tasks))
+        return original_run(self, tasks)
+    monkeypatch.setattr(CPUWorkers, "run", spy)
+
+    def run(name: str, workers: int):
+        config = TrainConfig(model=str(random_tiny_model), output_dir=str(tmp_path / name), max_steps=3,
+                             prompts_per_step=4, num_generations=4, max_completion_length=10, micro_batch_size=4,
+                             template="compact", reward_funcs=[digits_reward], learning_rate=1e-2, num_eval=4,
+                             eval_at_start=False, eval_at_end=False, plots=False, progress=False, save_steps=0,
+                             num_threads=2, cpu_workers=workers)
+        grpo.train(config)
+        return load_file(tmp_path / name / "final" / "model.safetensors")
+
+    before = torch.get_num_threads()
+    try:
+        first, second, serial = run("a", 2), run("b", 2), run("serial", 1)
+    finally:
+        torch.set_num_threads(before)
+    assert concurrent and max(concurrent) >= 2  # reference passes and micro-batches did run concurrently
+    initial = load_file(random_tiny_model / "model.safetensors")
+    for name, weight in first.items():
+        assert torch.equal(weight, second[name]), name
+        # Same sampling stream (the tiny model decodes serially) and the same gradients to float rounding:
+        # three steps later the weights still agree closely, and they moved.
+        assert torch.allclose(weight, serial[name], atol=1e-4), name
+    assert any(not torch.equal(first[name], initial[name]) for name in initial)
