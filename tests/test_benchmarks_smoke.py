@@ -135,3 +135,9 @@ def test_ratios_use_trl_at_its_best():
     assert "= 3.00×** (vs trl-ckpt-off" in table
     assert "= 0.70** (vs trl-ckpt-on" in table
     assert "| zerorl | 2 × 1 | 0.500 (0.500–0.500) | 1800 | 3,600 | 400–420 | 50.0% |" in table
+
+    stats["zerorl-lean"] = vs_trl.aggregate([run([1.0], [1200], 300.0)])  # the memory setting, reported beside
+    table = vs_trl.format_model_table("qwen2-1.0m", stats, None)
+    assert "zerorl-lean (cpu_workers=1 micro_batch_size=8): peak RSS / TRL-leanest = 0.50** (target ≤ 0.70); " \
+        "completion tokens/s / TRL-best = 1.00×" in table
+    assert vs_trl.ZERORL_EXTRA["zerorl-lean"] == ("cpu_workers=1", "micro_batch_size=8")
