@@ -196,3 +196,26 @@ def test_a_grpo_run_on_two_workers_repeats_exactly_and_tracks_the_serial_run(ran
         # three steps later the weights still agree closely, and they moved.
         assert torch.allclose(weight, serial[name], atol=1e-4), name
     assert any(not torch.equal(first[name], initial[name]) for name in initial)
+
+
+def test_cold_start_sft_on_two_workers_equals_one_worker_to_float_rounding(tmp_path):
+    """The batch split into shards, each shard's mean loss weighted by its share of the target tokens: the
+    gradient of the batch mean, so a few steps land on the same weights up to float rounding."""
+    from zerorl.lm.sft import SFTConfig, run_sft
+
+    before = torch.get_num_threads()
+    weights = {}
+    try:
+        torch.set_num_threads(2)
+        for workers in (1, 2):
+            config = SFTConfig(task="arithmetic", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                               intermediate_size=64, steps=5, batch_size=16, cpu_workers=workers, progress=False)
+            weights[workers] = load_file(run_sft(config, tmp_path / f"w{workers}") / "model.safetensors")
+    finally:
+        torch.set_num_threads(before)
+    assert SFTConfig(cpu_workers=1).recipe_hash() == SFTConfig(cpu_workers=2).recipe_hash()  # one cached base
+    moved = 0.0
+    for name, weight in weights[1].items():
+        assert torch.allclose(weights[2][name], weight, atol=1e-5), name
+        moved = max(moved, float((weight - weights[2][name]).abs().max()))
+    assert moved > 0  # really another summation order (the shards ran), not the same loop twice

@@ -91,6 +91,9 @@ def threads_for(flops_per_layer: float):
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """RMSNorm as Llama/Qwen compute it: w · (x / sqrt(mean(x²) + ε)) in float32, cast back to x's dtype."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        # One kernel (and, in training, one saved tensor fewer): the same products in the same order.
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps=norm.variance_epsilon)
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
     return norm.weight * normed.to(x.dtype)
 
@@ -413,18 +416,26 @@ class DecodeState:
         for layer, keys, values, (qkv, o, gate_up, down) in zip(d.layers, self.keys, self.values, self.weights):
             attn, mlp = layer.self_attn, layer.mlp
             h = rms_norm(x, layer.input_layernorm)
-            if qkv is not None:
-                q, k, v = _linear(h, qkv, None).split([q_width, kv_width, kv_width], dim=-1)
+            if qkv is not None and not d.qk_norm:
+                # q and k heads side by side in the fused output: one rotation for both.
+                fused = _linear(h, qkv, None)
+                qk = rotate(fused[:, : q_width + kv_width].view(rows, d.num_heads + d.num_kv_heads, d.head_dim),
+                            cos, sin)
+                q, k, v = qk[:, : d.num_heads], qk[:, d.num_heads :], fused[:, q_width + kv_width :]
             else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = q.view(rows, d.num_heads, d.head_dim)
-            k = k.view(rows, d.num_kv_heads, d.head_dim)
-            if d.qk_norm:
-                q, k = rms_norm(q, attn.q_norm), rms_norm(k, attn.k_norm)
-            keys[:, :, column] = rotate(k, cos, sin)
+                if qkv is not None:
+                    q, k, v = _linear(h, qkv, None).split([q_width, kv_width, kv_width], dim=-1)
+                else:
+                    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q = q.view(rows, d.num_heads, d.head_dim)
+                k = k.view(rows, d.num_kv_heads, d.head_dim)
+                if d.qk_norm:
+                    q, k = rms_norm(q, attn.q_norm), rms_norm(k, attn.k_norm)
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            keys[:, :, column] = k
             values[:, :, column] = v.view(rows, d.num_kv_heads, d.head_dim)
             # Grouped query heads [b, Hkv, group, d] against their shared key/value head.
-            q = rotate(q, cos, sin).view(rows, d.num_kv_heads, d.group, d.head_dim) * d.scale
+            q = q.reshape(rows, d.num_kv_heads, d.group, d.head_dim) * d.scale
             scores = q @ keys[:, :, : column + 1].transpose(2, 3)  # [b, Hkv, group, S]
             if mask is not None:
                 scores = scores + mask

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zerorl.config import ConfigError
+from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients, default_num_workers
 
 SFT_RECIPE_VERSION = 1  # bump when the recipe changes in a way that must invalidate cached models
 
@@ -55,6 +56,7 @@ class SFTConfig:
     init_model: str | None = None  # fine-tune an existing HF model instead of building a tiny one
     output_dir: str | None = None  # None = the cache
     num_threads: int = 0
+    cpu_workers: int = 0  # batch shards on single-threaded workers (zerorl.lm.parallel); 0 = one per thread
     progress: bool = True
 
     def validate(self) -> SFTConfig:
@@ -69,7 +71,7 @@ class SFTConfig:
 
     def recipe_hash(self) -> str:
         recipe = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("output_dir", "num_threads", "progress")}
+                  if k not in ("output_dir", "num_threads", "cpu_workers", "progress")}
         recipe["version"] = SFT_RECIPE_VERSION
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -125,6 +127,10 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
         init = config.init_model
     model, tokenizer = load_model_and_tokenizer(str(init), dtype="float32", device="cpu")
     model.train()
+    # The batch is split into one shard per CPU worker; each accumulates into its own copy of the weights'
+    # gradients (zerorl.lm.parallel). One worker: the plain loop, bit for bit.
+    workers = CPUWorkers(default_num_workers(config.cpu_workers, torch.device("cpu")))
+    replicas = Replicas(model, workers.num_workers)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98),
                                   weight_decay=config.weight_decay)
@@ -150,18 +156,28 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
             prompt = format_prompt(row, config.template, tokenizer)
             completion = task.cold_start_completion(row, rng, error_rate=config.error_rate)
             examples.append(_tokenize_example(tokenizer, prompt, completion))
-        batch = _collate(examples, tokenizer.pad_token_id)
-        loss = model(**batch).loss
+        shards = [examples[k * len(examples) // len(replicas):(k + 1) * len(examples) // len(replicas)]
+                  for k in range(len(replicas))]
+        batches = [_collate(shard, tokenizer.pad_token_id) for shard in shards if shard]
+        targets = [int((batch["labels"] != -100).sum()) for batch in batches]
+
+        def shard_loss(replica: int, index: int, batches=batches, targets=targets):
+            # The batch's mean token loss = Σ over shards of (shard mean) × (shard tokens / batch tokens).
+            loss = replicas.models[replica](**batches[index]).loss * (targets[index] / sum(targets))
+            return loss, loss.detach()
+
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = accumulate_gradients(workers, replicas, list(range(len(batches))), shard_loss,
+                                     costs=[float(batch["attention_mask"].sum()) for batch in batches])
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(float(sum(parts)))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     bar.close()
 
+    workers.shutdown()
     model.eval()
     save_model(model, tokenizer, work / "final")
     info = {"template": config.template, "task": config.task, "sft": dataclasses.asdict(config),
