@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import zerorl.lm.rollout as rollout_module
 from zerorl.config import TrainConfig
-from zerorl.lm import grpo
+from zerorl.lm import grpo, ppo
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
 from zerorl.lm.grpo import grpo_loss
@@ -163,8 +163,9 @@ def test_sharded_decoding_is_each_shard_decoded_alone_with_its_own_stream(model_
     assert torch.allclose(rescored[mask], out.sampling_logprobs[mask], atol=1e-5)
 
 
-def test_a_grpo_run_on_two_workers_repeats_exactly_and_tracks_the_serial_run(random_tiny_model, digits_reward,
-                                                                             tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_run_on_two_workers_repeats_exactly_and_tracks_the_serial_run(algo, random_tiny_model, digits_reward,
+                                                                        tmp_path, monkeypatch):
     concurrent = []  # task counts of the runs that really went to the workers
     original_run = CPUWorkers.run
 
@@ -179,8 +180,8 @@ def test_a_grpo_run_on_two_workers_repeats_exactly_and_tracks_the_serial_run(ran
                              prompts_per_step=4, num_generations=4, max_completion_length=10, micro_batch_size=4,
                              template="compact", reward_funcs=[digits_reward], learning_rate=1e-2, num_eval=4,
                              eval_at_start=False, eval_at_end=False, plots=False, progress=False, save_steps=0,
-                             num_threads=2, cpu_workers=workers)
-        grpo.train(config)
+                             num_threads=2, cpu_workers=workers, algo=algo)
+        (grpo.train if algo == "grpo" else ppo.train)(config)
         return load_file(tmp_path / name / "final" / "model.safetensors")
 
     before = torch.get_num_threads()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from zerorl.config import TrainConfig
@@ -33,6 +34,7 @@ from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
 from zerorl.core.losses import aggregate, policy_loss, value_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.lora import merge_lora
+from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     NonFiniteLossError,
@@ -66,7 +68,8 @@ from zerorl.lm.value_model import (
 PPO_AGG_MODE = "token-mean"  # PPO averages over all valid tokens of the minibatch (TRL's masked_mean)
 
 
-def estimate_advantages(policy, critic, ref_model, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+def estimate_advantages(policy, critic, ref_model, batch: RolloutBatch, config: TrainConfig,
+                        workers: CPUWorkers | None = None) -> torch.Tensor:
     """Fill batch.old_logprobs, values, ref_logprobs, returns and (whitened) advantages; return the raw Â.
 
         r_t = −β·(log π_old − log π_ref) + score·[t = last]     (β only when kl_in_reward)
@@ -74,9 +77,9 @@ def estimate_advantages(policy, critic, ref_model, batch: RolloutBatch, config: 
     """
     mask = batch.completion_mask.bool()
     batch.old_logprobs, batch.values = rollout_logprobs_and_values(
-        policy, critic, batch, config.micro_batch_size, config.temperature)
+        policy, critic, batch, config.micro_batch_size, config.temperature, workers=workers)
     if config.beta > 0:
-        batch.ref_logprobs = reference_logprobs(policy, ref_model, batch, config)
+        batch.ref_logprobs = reference_logprobs(policy, ref_model, batch, config, workers=workers)
     kl_coef = config.beta if config.kl_in_reward else 0.0
     token_rewards = token_level_rewards(batch.rewards, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef)
     advantages, batch.returns = gae(token_rewards, batch.values, mask, gamma=config.gamma, lam=config.lam)
@@ -127,6 +130,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     optimizer = make_optimizer([{"params": policy_params, "lr": config.learning_rate},
                                 {"params": critic_params, "lr": critic_lr}], config)
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
+    # One gradient accumulator per CPU worker: copies of (policy, critic) sharing their weights (zerorl.lm.parallel).
+    replicas = Replicas(nn.ModuleDict({"policy": policy, "critic": critic}),
+                        run.workers.num_workers if run.workers is not None else 1)
     modules = {"model": policy, "critic": critic} | ({"ref_model": ref_model} if ref_model is not None else {})
     held = parameter_counts({"policy": policy, "critic": critic, "reference": ref_model,
                              "reward_model": scorer.model if scorer else None})
@@ -149,7 +155,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         mask = batch.completion_mask.bool()
 
         # 2-3. π_old, V and π_ref at rollout time; token rewards; GAE; whitening.
-        advantages = estimate_advantages(policy, critic, ref_model, batch, config)
+        advantages = estimate_advantages(policy, critic, ref_model, batch, config, workers=run.workers)
 
         # 4. μ passes of minibatch updates of policy and critic together.
         shuffle_gen = torch.Generator().manual_seed(config.seed * 7_919 + step)
@@ -163,11 +169,18 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 minibatch = batch.select(order[mb_start:mb_start + minibatch_size])
                 tokens = max(1.0, minibatch.completion_mask.sum().item())
                 optimizer.zero_grad(set_to_none=True)
-                for micro in minibatch.micro_batches(config.micro_batch_size):
-                    loss, metrics = ppo_loss(policy, critic, micro, config)
-                    # token-mean over the minibatch = Σ_micro (tokens_micro / tokens_minibatch) · mean_micro
-                    (loss * (micro.completion_mask.sum().item() / tokens)).backward()
+
+                def micro_loss(replica: int, micro: RolloutBatch, tokens=tokens):
+                    pair = replicas.models[replica]
+                    loss, metrics = ppo_loss(pair["policy"], pair["critic"], micro, config)
                     metrics["loss"] = loss.detach()
+                    # token-mean over the minibatch = Σ_micro (tokens_micro / tokens_minibatch) · mean_micro
+                    return loss * (micro.completion_mask.sum().item() / tokens), metrics
+
+                micro_batches = list(minibatch.micro_batches(config.micro_batch_size))
+                per_micro = accumulate_gradients(run.workers, replicas, micro_batches, micro_loss,
+                                                 costs=[float(m.completion_mask.sum()) for m in micro_batches])
+                for metrics in per_micro:
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 # Separate clipping: a large value-loss gradient must not shrink the policy's step.

@@ -301,7 +301,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         # 2. π_old (tokens and whole vocabulary: the KL constraint is exact), V, π_ref.
         old_vocab = rollout_statistics(policy, critic, batch, config.micro_batch_size, config.temperature)
         if config.beta > 0:
-            batch.ref_logprobs = reference_logprobs(policy, ref_model, batch, config)
+            batch.ref_logprobs = reference_logprobs(policy, ref_model, batch, config, workers=run.workers)
 
         # 3. Advantages: from the group of G samples, or token rewards + GAE from the critic (as PPO).
         batch.advantages = group_advantages(batch, config) if not with_critic else gae_advantages(batch, config)

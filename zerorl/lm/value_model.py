@@ -16,6 +16,7 @@ box of the article's PPO-vs-GRPO figure).
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from zerorl.config import TrainConfig
 from zerorl.lm.forward import position_ids_from_mask
+from zerorl.lm.parallel import CPUWorkers
 from zerorl.optim import AdamW
 from zerorl.rewards import RewardSet
 
@@ -191,9 +193,12 @@ def model_state_bytes(modules: dict[str, nn.Module | None], optimizer: AdamW | N
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@torch.no_grad()
 def rollout_logprobs_and_values(policy: nn.Module, critic: nn.Module, batch, micro_batch_size: int,
-                                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π_old(o_t) and V(q, o_<t), both [N, Lc] float32, without autograd, in micro-batches."""
+                                temperature: float, workers: CPUWorkers | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_old(o_t) and V(q, o_<t), both [N, Lc] float32, without autograd, in micro-batches (concurrently
+    on ``workers``: each writes its own rows)."""
     from zerorl.core.logprobs import logprobs_from_logits
 
     modes = (policy.training, critic.training)
@@ -202,13 +207,21 @@ def rollout_logprobs_and_values(policy: nn.Module, critic: nn.Module, batch, mic
     shape = batch.completion_ids.shape
     logprobs = torch.zeros(shape, dtype=torch.float32, device=batch.completion_ids.device)
     values = torch.zeros_like(logprobs)
-    for start in range(0, len(batch), micro_batch_size):
+
+    def micro_batch(start: int) -> None:
         rows = torch.arange(start, min(start + micro_batch_size, len(batch)))
         micro = batch.select(rows)  # trimmed of all-padding columns
         width = micro.completion_ids.shape[1]
         logits, value = logits_and_values(policy, critic, micro)
         logprobs[start:start + len(rows), :width] = logprobs_from_logits(logits, micro.completion_ids, temperature)
         values[start:start + len(rows), :width] = value
+
+    tasks = [functools.partial(micro_batch, start) for start in range(0, len(batch), micro_batch_size)]
+    if workers is not None:
+        workers.run(tasks)
+    else:
+        for task in tasks:
+            task()
     policy.train(modes[0])
     critic.train(modes[1])
     mask = batch.completion_mask.bool()
@@ -276,15 +289,19 @@ def reference_model(policy: nn.Module, config: TrainConfig) -> nn.Module | None:
     return None
 
 
-def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch, config: TrainConfig) -> torch.Tensor:
-    """log π_ref of the batch: the frozen copy, or (LoRA) the policy with its adapters switched off."""
+def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch, config: TrainConfig,
+                       workers: CPUWorkers | None = None) -> torch.Tensor:
+    """log π_ref of the batch: the frozen copy (on zerorl's native forward where supported), or (LoRA) the
+    policy with its adapters switched off. ``workers`` run the micro-batches concurrently."""
     from zerorl.lm.forward import batched_logprobs
     from zerorl.lm.lora import lora_disabled
+    from zerorl.lm.runtime import native_decoder
 
     if ref_model is not None:
-        return batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature)
+        return batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature,
+                                native=native_decoder(ref_model, config), workers=workers)
     with lora_disabled(policy):
-        return batched_logprobs(policy, batch, config.micro_batch_size, config.temperature)
+        return batched_logprobs(policy, batch, config.micro_batch_size, config.temperature, workers=workers)
 
 
 def training_reward_set(run, config: TrainConfig) -> tuple[RewardSet, RewardModelScorer | None]:
