@@ -1,4 +1,4 @@
-"""PPO and TRPO resume exactly: a run interrupted after its step-2 checkpoint (mid-way through step 4) and
+"""PPO, TRPO (and GRPO on two CPU workers) resume exactly: a run interrupted after its step-2 checkpoint (mid-way through step 4) and
 continued with resume=True ends with the same weights — policy and critic, bit for bit — and the same
 metrics as a run that was never interrupted. In-process and tiny (a random one-layer Qwen2, 4 steps)."""
 
@@ -10,10 +10,18 @@ from safetensors.torch import load_file
 
 from zerorl.checkpoint import latest_checkpoint, load_checkpoint
 from zerorl.config import TrainConfig, build_config
-from zerorl.lm import ppo, trpo
+from zerorl.lm import grpo, ppo, trpo
 
 MAX_STEPS = 4
 TIMING_KEYS = ("time/", "step_time", "tokens_per_second")
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """The runs set torch's (process-wide) thread count; leave it as found for the next test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 class Interrupted(Exception):
@@ -47,10 +55,13 @@ def _metrics(out) -> list[dict]:
     ("ppo", {}),
     ("trpo", {"trpo_advantages": "gae", "critic_learning_rate": 1e-3}),
     ("trpo", {"trpo_advantages": "group"}),
-], ids=["ppo", "trpo-gae", "trpo-group"])
+    # Two CPU workers: micro-batches in parallel, gradients summed per worker, then in a fixed order.
+    ("ppo", {"num_threads": 2, "cpu_workers": 2, "micro_batch_size": 4}),
+    ("grpo", {"num_threads": 2, "cpu_workers": 2, "micro_batch_size": 4}),
+], ids=["ppo", "trpo-gae", "trpo-group", "ppo-2-workers", "grpo-2-workers"])
 def test_interrupted_then_resumed_equals_uninterrupted(algo, overrides, random_tiny_model, digits_reward,
                                                        tmp_path, monkeypatch):
-    module = ppo if algo == "ppo" else trpo
+    module = {"ppo": ppo, "trpo": trpo, "grpo": grpo}[algo]
     reference = tmp_path / "reference"
     module.train(_config(algo, random_tiny_model, digits_reward, reference, **overrides))
 
@@ -84,7 +95,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(algo, overrides, random_t
     assert got_final.keys() == want_final.keys()
     for name in want_final:
         assert torch.equal(got_final[name], want_final[name]), name
-    assert ("critic" in want_state) == (algo == "ppo" or overrides["trpo_advantages"] == "gae")
+    assert ("critic" in want_state) == (algo == "ppo" or overrides.get("trpo_advantages") == "gae")
     for part in ("critic", "optimizer"):
         if want_state.get(part):
             flat_got, flat_want = _flatten(got_state[part]), _flatten(want_state[part])
