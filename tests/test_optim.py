@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -96,9 +97,19 @@ def test_state_dicts_load_both_ways_with_torch_optim_and_resume_exactly():
     for a, b in zip(params, straight):
         assert torch.equal(a, b)
 
-    back = torch.optim.AdamW([{"params": first[:2], "lr": 1e-2}, {"params": first[2:], "lr": 3e-2}], lr=1e-3)
-    back.load_state_dict(resumed.state_dict())
-    assert torch.equal(back.state_dict()["state"][0]["exp_avg"], resumed.state[params[0]]["exp_avg"])
+    # And back: torch.optim loads ours (a checkpoint for an older zerorl) and keeps stepping identically.
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    back = torch.optim.AdamW([{"params": twins[:2], "lr": 1e-2}, {"params": twins[2:], "lr": 3e-2}], lr=1e-3)
+    back_scheduler = torch.optim.lr_scheduler.LambdaLR(back, lambda step: 0.5 ** step)  # built, then restored
+    back.load_state_dict(copy.deepcopy(resumed.state_dict()))  # as through a checkpoint file: no shared tensors
+    back_scheduler.load_state_dict(scheduler.state_dict())
+    assert back_scheduler.get_last_lr() == pytest.approx(scheduler.get_last_lr())
+    for param, twin in zip(params, twins):
+        param.grad = twin.grad = torch.full(param.shape, 0.3)
+    resumed.step()
+    back.step()
+    for param, twin in zip(params, twins):
+        assert torch.equal(param, twin)
 
 
 def test_a_mismatched_checkpoint_is_refused_with_a_clear_error():
@@ -106,6 +117,11 @@ def test_a_mismatched_checkpoint_is_refused_with_a_clear_error():
     other = AdamW([torch.zeros(2, requires_grad=True)], lr=1e-3)
     with pytest.raises(ValueError, match="parameter groups"):
         other.load_state_dict(optimizer.state_dict())
+    reshaped = [torch.zeros(5, 7, requires_grad=True), torch.zeros(5, requires_grad=True),
+                torch.zeros(3, 4, requires_grad=True)]  # same groups and counts, another shape
+    same_layout, _ = _run(AdamW, reshaped, steps=0, schedule=False)
+    with pytest.raises(ValueError, match=r"shape \(7, 5\), the parameter \(5, 7\)"):
+        same_layout.load_state_dict(optimizer.state_dict())
 
 
 def test_building_the_optimizer_does_not_import_dynamo():

@@ -4,6 +4,7 @@ summed in another order, and the same on every run."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -72,7 +73,52 @@ def test_workers_carry_grad_mode_autocast_inference_and_restore_the_thread_count
     assert [s[:4] for s in seen] == [(False, True, False, 1)] * 2
     assert all(s[2] for s in inference)
     assert len({s[4] for s in seen}) == 2 and all(s[4].startswith("zerorl-cpu") for s in seen)
-    assert torch.get_num_threads() == before
+    # A worker's set_num_threads(1) also sets torch's default for threads started later: it must be undone.
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert fresh == [before] and torch.get_num_threads() == before
+
+
+def test_a_failing_task_lets_the_others_finish_and_leaves_no_half_summed_gradient(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    workers, replicas = CPUWorkers(2), Replicas(model, 2)
+    finished = []
+
+    def loss_fn(replica, index):
+        if index == 0:
+            raise RuntimeError("reward function exploded")
+        loss = sum(p.sum() for p in replicas.models[replica].parameters())
+        finished.append(index)
+        return loss, None
+
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="exploded"):
+        accumulate_gradients(workers, replicas, [0, 1, 2, 3], loss_fn, costs=[1.0, 1.0, 1.0, 1.0])
+    workers.shutdown()
+    # Shards by cost: {0, 2} and {1, 3}. The first stops at micro-batch 0; the other runs to its end.
+    assert sorted(finished) == [1, 3]
+    assert all(p.grad is None for p in replicas.models[1].parameters())  # not carried into a later step
+
+
+def test_extra_gradient_copies_fit_the_budget_and_unsafe_forwards_stay_serial(model_and_tokenizer, monkeypatch):
+    import zerorl.lm.parallel as parallel
+
+    model, _ = model_and_tokenizer
+    gradient_bytes = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(parallel, "REPLICA_GRADIENT_BUDGET", 2 * gradient_bytes)
+    assert parallel.training_replicas(model, 8) == 3  # 1 + 2 copies that fit
+    monkeypatch.setattr(parallel, "REPLICA_GRADIENT_BUDGET", gradient_bytes - 1)
+    assert parallel.training_replicas(model, 8) == 1
+    assert parallel.thread_safe_forward(model)
+    dynamic = copy.deepcopy(model)
+    dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not parallel.thread_safe_forward(dynamic)  # its forward rewrites the RoPE frequencies
+    monkeypatch.setattr(parallel, "REPLICA_GRADIENT_BUDGET", 1 << 30)
+    workers = CPUWorkers(2)
+    assert parallel.replica_count(dynamic, workers) == 1 and parallel.replica_count(model, workers) == 2
+    workers.shutdown()
 
 
 def test_parallel_reference_pass_equals_the_serial_pass_bit_for_bit(model_and_tokenizer, one_thread):
@@ -220,3 +266,22 @@ def test_cold_start_sft_on_two_workers_equals_one_worker_to_float_rounding(tmp_p
         assert torch.allclose(weights[2][name], weight, atol=1e-5), name
         moved = max(moved, float((weight - weights[2][name]).abs().max()))
     assert moved > 0  # really another summation order (the shards ran), not the same loop twice
+
+
+def test_resuming_with_another_worker_count_warns(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from zerorl.checkpoint import rng_state, save_checkpoint
+    from zerorl.lm.runtime import restore_training_state
+
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "checkpoints", 2, {"model": model.state_dict(), "rng": rng_state()},
+                    {"step": 2, "data_cursor": 8, "cpu_workers": 2}, keep=2)
+    for workers, warned in ((CPUWorkers(2), False), (CPUWorkers(1), True)):
+        run = SimpleNamespace(checkpoint_root=tmp_path / "checkpoints", run_dir=tmp_path, wall_seconds_before=0.0,
+                              summary={}, workers=workers)
+        assert restore_training_state(run, {"model": model}, None, None)["step"] == 2
+        workers.shutdown()
+        err = capsys.readouterr().err
+        assert ("checkpointed with 2 CPU workers and resumes with 1" in err) == warned
+        assert not warned or "cpu_workers=2" in err  # and says how to resume exactly

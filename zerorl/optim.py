@@ -4,8 +4,8 @@ Why not ``torch.optim.AdamW``: constructing any ``torch.optim.Optimizer`` import
 with it torch.fx and sympy), ~70 MB resident that a training process on a small model never uses —
 more than the whole state of the default model. The update below is the same: on CPU and CUDA it calls
 the kernel ``torch.optim.AdamW(fused=True)`` calls, ``torch._fused_adamw_`` (tests/test_optim.py checks the
-parameters bit for bit against it), and the state dict has ``torch.optim``'s layout, so checkpoints
-written by either load into the other.
+parameters bit for bit against it), and the state dicts have ``torch.optim``'s layout and keys, so
+checkpoints written by either load into the other (tests/test_optim.py).
 
 AdamW (Loshchilov & Hutter, 2019), per parameter θ with gradient g at step t:
 
@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
+_TORCH_GROUP_FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                      "differentiable": False, "fused": True, "decoupled_weight_decay": True}
 
 
 class AdamW:
@@ -96,7 +98,9 @@ class AdamW:
                     state[index] = dict(self.state[param])
                 indices.append(index)
                 index += 1
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+            # torch.optim.AdamW's group keys too, so that it can load this and take the same (fused) steps.
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, **_TORCH_GROUP_FLAGS,
+                           "params": indices})
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -114,6 +118,9 @@ class AdamW:
                 entry = state_dict["state"].get(index)
                 if entry is None:
                     continue
+                if tuple(entry["exp_avg"].shape) != tuple(param.shape):
+                    raise ValueError(f"optimizer state for parameter {index} has shape {tuple(entry['exp_avg'].shape)}"
+                                     f", the parameter {tuple(param.shape)} (a checkpoint of another model?)")
                 self.state[param] = {
                     "step": torch.as_tensor(entry["step"], dtype=torch.float32).to(param.device).clone(),
                     "exp_avg": entry["exp_avg"].to(device=param.device, dtype=param.dtype).clone(),
@@ -143,7 +150,9 @@ class LRSchedule:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+        # LambdaLR's keys, so that torch.optim.lr_scheduler.LambdaLR can load it too.
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs), "_step_count": self.last_epoch + 1,
+                "_last_lr": self.get_last_lr(), "lr_lambdas": [None] * len(self.base_lrs)}
 
     def load_state_dict(self, state_dict: dict) -> None:  # also reads a LambdaLR's state dict
         self.last_epoch = int(state_dict["last_epoch"])

@@ -31,7 +31,7 @@ from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
 from zerorl.lm.native import NativeDecoder, layer_flops, threads_for
-from zerorl.lm.parallel import Replicas, accumulate_gradients
+from zerorl.lm.parallel import Replicas, accumulate_gradients, replica_count
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     LMRun,
@@ -112,7 +112,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     # One gradient accumulator per CPU worker: copies of the policy that share its weights (zerorl.lm.parallel).
-    replicas = Replicas(model, run.workers.num_workers if run.workers is not None else 1)
+    replicas = Replicas(model, replica_count(model, run.workers))
     replica_natives = [policy_native] + [native_decoder(copy_, config) for copy_ in replicas.models[1:]]
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})

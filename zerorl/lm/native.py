@@ -324,7 +324,7 @@ class NativeDecoder:
     @torch.no_grad()
     def decode_weights(self, device_type: str = "cpu") -> DecodeWeights:
         """Each layer's q|k|v and gate|up weights concatenated, cast to the autocast dtype when autocast is on
-        (built once per rollout; several decode states may share them)."""
+        (built per decode batch, or once for all the shards of a sharded rollout, which share them)."""
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         layers = [(_fused([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], dtype),
                    _fused([layer.self_attn.o_proj], dtype),

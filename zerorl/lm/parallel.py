@@ -14,14 +14,23 @@ carried over explicitly.
 Same math: a reference or π_old pass gives each micro-batch exactly the numbers a one-thread serial pass
 gives it. The training gradient is the same sum, in a different order: each worker accumulates its
 micro-batches, and the workers' sums are added in a fixed order — deterministic for a given number of
-workers, different in the last bits from another number of workers.
+workers, different in the last bits from another number of workers. A rollout split into shards samples
+each shard from its own random stream, so another number of workers samples other completions (same
+distribution). Runs therefore repeat exactly, and resume exactly, for a given number of workers; the trainers
+record it in their checkpoints and warn when a resumed run has another.
+
+Memory: each extra worker that trains holds one more gradient accumulator, so ``training_replicas`` caps
+their number at what ``REPLICA_GRADIENT_BUDGET`` bytes of extra gradients allow (a 31.5M-parameter model:
+all workers; 0.5B: none — its matrix products are big enough for the intra-op threads anyway).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -38,6 +47,8 @@ class CPUWorkers:
         self.num_workers = max(1, int(num_workers))
         self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="zerorl-cpu") \
             if self.num_workers > 1 else None
+        # Idle threads go away with this object even when a run fails before calling shutdown().
+        self._finalizer = weakref.finalize(self, self._pool.shutdown, False) if self._pool is not None else None
 
     @property
     def parallel(self) -> bool:
@@ -57,20 +68,23 @@ class CPUWorkers:
         autocast_dtype = torch.get_autocast_dtype("cpu")
 
         def in_worker(task: Callable[[], T]) -> T:
-            # Sets this thread's OpenMP thread count (and MKL's, which is process-wide: restored below).
+            # This thread's OpenMP and MKL counts; it also sets torch's default for threads started later,
+            # which is process-wide, hence the restore below.
             torch.set_num_threads(1)
             autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_on else contextlib.nullcontext()
             with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled), autocast:
                 return task()
 
-        try:
-            futures = [self._pool.submit(in_worker, task) for task in tasks]
-            return [future.result() for future in futures]
-        finally:
-            torch.set_num_threads(threads)
+        futures = [self._pool.submit(in_worker, task) for task in tasks]
+        # Every task finishes (or fails) before this returns or raises: none may still be writing into shared
+        # buffers or gradients, or resetting the thread count, once the caller moves on.
+        concurrent.futures.wait(futures)
+        torch.set_num_threads(threads)
+        return [future.result() for future in futures]  # raises the first task's error, if any
 
     def shutdown(self) -> None:
         if self._pool is not None:
+            self._finalizer.detach()
             self._pool.shutdown(wait=True)
             self._pool = None
 
@@ -92,6 +106,12 @@ class Replicas:
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def discard_gradients(self) -> None:
+        """Drop the copies' gradients (the model's own are the caller's)."""
+        for other in self.models[1:]:
+            for twin in other.parameters():
+                twin.grad = None
 
     def reduce_gradients(self) -> None:
         """model.grad += copy_k.grad for k = 1, 2, ... (this order always); the copies' gradients are freed."""
@@ -123,13 +143,17 @@ def accumulate_gradients(workers: CPUWorkers | None, replicas: Replicas, micro_b
         for index in shard:
             loss, extra = loss_fn(replica, micro_batches[index])
             loss.backward()
-            del loss  # frees this micro-batch's graph before the next one is built
             extras.append((index, extra))
         return extras
 
     if not parallel:
         return [extra for _, extra in run_shard(0, shards[0])]
-    results = workers.run([functools.partial(run_shard, replica, shard) for replica, shard in enumerate(shards)])
+    try:
+        results = workers.run([functools.partial(run_shard, replica, shard)
+                               for replica, shard in enumerate(shards)])
+    except BaseException:
+        replicas.discard_gradients()  # a half-accumulated sum must not reach a later step
+        raise
     replicas.reduce_gradients()
     by_index = dict(pair for extras in results for pair in extras)
     return [by_index[i] for i in range(len(micro_batches))]
@@ -141,10 +165,45 @@ def balanced_shards(costs: Sequence[float], num_shards: int) -> list[list[int]]:
     shards: list[list[int]] = [[] for _ in range(max(1, num_shards))]
     loads = [0.0] * len(shards)
     for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        target = min(range(len(shards)), key=lambda s: (loads[s], s))
+        # Ties (e.g. zero costs) go to the shard with fewer items, so equal work still spreads out.
+        target = min(range(len(shards)), key=lambda s: (loads[s], len(shards[s]), s))
         shards[target].append(item)
         loads[target] += costs[item]
     return [sorted(shard) for shard in shards if shard]
+
+
+# At most this many bytes of extra gradient accumulators (one per training worker beyond the first).
+REPLICA_GRADIENT_BUDGET = 1 << 30
+
+
+def training_replicas(model: torch.nn.Module, num_workers: int) -> int:
+    """How many of ``num_workers`` workers train at once: 1 + as many extra gradient copies as fit the budget."""
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    extra = REPLICA_GRADIENT_BUDGET // max(1, gradient_bytes)
+    return max(1, min(num_workers, 1 + extra))
+
+
+def thread_safe_forward(model: torch.nn.Module) -> bool:
+    """Whether several threads may run ``model``'s forward at once: zerorl's native family with a RoPE whose
+    frequencies never change (dynamic and long-rope variants rewrite them inside the forward) and no dropout."""
+    from zerorl.lm.native import unsupported_reason
+
+    if unsupported_reason(model) is not None:
+        return False
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    dropout = any(getattr(config, key, 0.0) for key in ("attention_dropout", "hidden_dropout", "dropout"))
+    return rope_type in ("default", "linear", "llama3") and not dropout
+
+
+def replica_count(model: torch.nn.Module, workers: CPUWorkers | None,
+                  forward_of: torch.nn.Module | None = None) -> int:
+    """The replicas a trainer builds for ``model``: one per training worker when the forward (of
+    ``forward_of``, default ``model``) is thread-safe, else 1 (micro-batches in series)."""
+    if workers is None or not workers.parallel or not thread_safe_forward(forward_of or model):
+        return 1
+    return training_replicas(model, workers.num_workers)
 
 
 def default_num_workers(requested: int, device: torch.device) -> int:
@@ -154,4 +213,5 @@ def default_num_workers(requested: int, device: torch.device) -> int:
     return requested if requested > 0 else torch.get_num_threads()
 
 
-__all__ = ["CPUWorkers", "Replicas", "accumulate_gradients", "balanced_shards", "default_num_workers"]
+__all__ = ["REPLICA_GRADIENT_BUDGET", "CPUWorkers", "Replicas", "accumulate_gradients", "balanced_shards",
+           "default_num_workers", "replica_count", "thread_safe_forward", "training_replicas"]

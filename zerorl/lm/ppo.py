@@ -34,7 +34,7 @@ from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
 from zerorl.core.losses import aggregate, policy_loss, value_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.lora import merge_lora
-from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients
+from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients, replica_count
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     NonFiniteLossError,
@@ -131,8 +131,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                                 {"params": critic_params, "lr": critic_lr}], config)
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     # One gradient accumulator per CPU worker: copies of (policy, critic) sharing their weights (zerorl.lm.parallel).
-    replicas = Replicas(nn.ModuleDict({"policy": policy, "critic": critic}),
-                        run.workers.num_workers if run.workers is not None else 1)
+    pair = nn.ModuleDict({"policy": policy, "critic": critic})
+    replicas = Replicas(pair, replica_count(pair, run.workers, forward_of=policy))
     modules = {"model": policy, "critic": critic} | ({"ref_model": ref_model} if ref_model is not None else {})
     held = parameter_counts({"policy": policy, "critic": critic, "reference": ref_model,
                              "reward_model": scorer.model if scorer else None})

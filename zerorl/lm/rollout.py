@@ -44,7 +44,7 @@ from zerorl.lm.native import (
     unsupported_reason,
 )
 from zerorl.lm.native_model import NativeCausalLM
-from zerorl.lm.parallel import CPUWorkers
+from zerorl.lm.parallel import CPUWorkers, thread_safe_forward
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -228,7 +228,7 @@ class HFRolloutEngine:
         # the rows are worth splitting into shards decoded at once by single-threaded workers.
         work = layer_flops(self.model, min(batch_size, num_rows)) if self.native is not None else float("inf")
         parallel = self.native is not None and self.workers is not None and self.workers.parallel \
-            and work >= SMALL_WORK_FLOPS_PER_LAYER and len(prompts) > 1
+            and work >= SMALL_WORK_FLOPS_PER_LAYER and len(prompts) > 1 and thread_safe_forward(self.model)
         if parallel:  # whole prompts per shard (their prefill is shared), one shard per worker
             batch_size = min(batch_size, -(-len(prompts) // self.workers.num_workers) * params.n)
         chunks = [row_prompt[first : first + batch_size] for first in range(0, num_rows, batch_size)]

@@ -314,7 +314,8 @@ def save_training_state(run: LMRun, step: int, data_cursor: int, modules: dict[s
     tensors["rng"] = rng_state()
     state = {"step": step, "data_cursor": data_cursor,
              "wall_seconds": run.wall_seconds_before + time.perf_counter() - run.start_time,
-             "summary": run.summary, **(extra or {})}
+             "summary": run.summary, "cpu_workers": run.workers.num_workers if getattr(run, "workers", None) else 1,
+             **(extra or {})}
     return save_checkpoint(run.checkpoint_root, step, tensors, state, keep=run.config.save_total_limit)
 
 
@@ -344,6 +345,14 @@ def restore_training_state(run: LMRun, modules: dict[str, torch.nn.Module], opti
     if scheduler is not None and tensors.get("scheduler"):
         scheduler.load_state_dict(tensors["scheduler"])
     set_rng_state(tensors["rng"])
+    workers_now = run.workers.num_workers if getattr(run, "workers", None) is not None else 1
+    if state.get("cpu_workers", workers_now) != workers_now:
+        # Gradient sums (and sharded rollouts) depend on the worker count: the run goes on correctly, but not
+        # bit for bit as it would have on the machine that wrote the checkpoint.
+        print(f"warning: this run was checkpointed with {state['cpu_workers']} CPU workers and resumes with "
+              f"{workers_now}: it continues correctly but not bit-identically. For an exact resume set "
+              f"cpu_workers={state['cpu_workers']} (and num_threads ≥ it) in {run.run_dir / 'config.yaml'}.",
+              file=sys.stderr, flush=True)
     run.wall_seconds_before = state.get("wall_seconds", 0.0)
     run.summary = state.get("summary", {})
     return state

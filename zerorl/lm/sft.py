@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from zerorl.config import ConfigError
-from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients, default_num_workers
+from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients, default_num_workers, replica_count
+from zerorl.optim import AdamW, LRSchedule
 
 SFT_RECIPE_VERSION = 1  # bump when the recipe changes in a way that must invalidate cached models
 
@@ -67,6 +68,9 @@ class SFTConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer.")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate={self.learning_rate!r} must be > 0.")
+        for name in ("num_threads", "cpu_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be ≥ 0 (0 = one per core / torch's default).")
         return self
 
     def recipe_hash(self) -> str:
@@ -130,10 +134,10 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
     # The batch is split into one shard per CPU worker; each accumulates into its own copy of the weights'
     # gradients (zerorl.lm.parallel). One worker: the plain loop, bit for bit.
     workers = CPUWorkers(default_num_workers(config.cpu_workers, torch.device("cpu")))
-    replicas = Replicas(model, workers.num_workers)
+    replicas = Replicas(model, replica_count(model, workers))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98),
-                                  weight_decay=config.weight_decay)
+    optimizer = AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98),
+                      weight_decay=config.weight_decay)
     total = config.steps
 
     def lr_factor(step: int) -> float:
@@ -142,7 +146,7 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
         progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
         return 0.5 * (1.0 + torch.cos(torch.tensor(torch.pi * progress)).item())
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = LRSchedule(optimizer, lr_factor)
     # SFT rows come from the END of the task's training stream (indices ≥ 10^9), so the RL run, which
     # reads the stream from 0, sees fresh prompts; held-out rows are excluded from both by the task.
     start_index = 10**9

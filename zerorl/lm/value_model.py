@@ -24,7 +24,7 @@ from torch import nn
 
 from zerorl.config import TrainConfig
 from zerorl.lm.forward import position_ids_from_mask
-from zerorl.lm.parallel import CPUWorkers
+from zerorl.lm.parallel import CPUWorkers, thread_safe_forward
 from zerorl.optim import AdamW
 from zerorl.rewards import RewardSet
 
@@ -193,7 +193,6 @@ def model_state_bytes(modules: dict[str, nn.Module | None], optimizer: AdamW | N
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-@torch.no_grad()
 def rollout_logprobs_and_values(policy: nn.Module, critic: nn.Module, batch, micro_batch_size: int,
                                 temperature: float, workers: CPUWorkers | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +216,7 @@ def rollout_logprobs_and_values(policy: nn.Module, critic: nn.Module, batch, mic
         values[start:start + len(rows), :width] = value
 
     tasks = [functools.partial(micro_batch, start) for start in range(0, len(batch), micro_batch_size)]
-    if workers is not None:
+    if workers is not None and thread_safe_forward(policy):
         workers.run(tasks)
     else:
         for task in tasks:
