@@ -115,6 +115,10 @@ def test_extra_gradient_copies_fit_the_budget_and_unsafe_forwards_stay_serial(mo
     dynamic = copy.deepcopy(model)
     dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     assert not parallel.thread_safe_forward(dynamic)  # its forward rewrites the RoPE frequencies
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=2))
+    assert not parallel.thread_safe_forward(gpt2)  # outside the native family (and it has dropout)
     monkeypatch.setattr(parallel, "REPLICA_GRADIENT_BUDGET", 1 << 30)
     workers = CPUWorkers(2)
     assert parallel.replica_count(dynamic, workers) == 1 and parallel.replica_count(model, workers) == 2
