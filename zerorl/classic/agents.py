@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from zerorl.classic.config import ClassicConfig
+from zerorl.classic.envs import Normalizer, make_vector_env
+
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -118,3 +121,16 @@ class ActorCritic(nn.Module):
         params = self.policy_params(obs)
         action = self.sample(params)
         return action, self.log_prob(params, action), self.value(obs)
+
+
+def seed_and_build(config: ClassicConfig) -> tuple[gym.vector.VectorEnv, Normalizer, ActorCritic]:
+    """What PPO and TRPO do first, in this order (the order fixes every random stream that follows): seed
+    torch and numpy, then make the vector env, its observation/reward normalizer and the agent."""
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    envs = make_vector_env(config.env_id, config.num_envs, config.vectorization_mode)
+    normalizer = Normalizer(envs.single_observation_space.shape, config.num_envs, config.gamma,
+                            config.normalize_obs, config.normalize_reward, config.obs_clip, config.reward_clip)
+    agent = ActorCritic(envs.single_observation_space, envs.single_action_space, config.hidden_sizes,
+                        config.activation, config.log_std_init)
+    return envs, normalizer, agent

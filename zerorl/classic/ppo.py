@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
-from zerorl.classic.agents import ActorCritic
+from zerorl.classic.agents import ActorCritic, seed_and_build
 from zerorl.classic.config import PPOConfig
-from zerorl.classic.envs import Normalizer, make_vector_env
+from zerorl.classic.envs import Normalizer
 from zerorl.classic.rollout import RolloutCollector
 from zerorl.classic.tracking import RunLogger
 from zerorl.core.losses import policy_loss, value_loss
@@ -37,25 +36,7 @@ from zerorl.core.losses import policy_loss, value_loss
 def train_ppo(config: PPOConfig, logger: RunLogger | None = None) -> tuple[ActorCritic, Normalizer]:
     """Train a PPO agent on `config.env_id`; returns the agent and the (frozen-able) normalizer."""
     config.validate()
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    envs = make_vector_env(config.env_id, config.num_envs, config.vectorization_mode)
-    normalizer = Normalizer(
-        envs.single_observation_space.shape,
-        config.num_envs,
-        config.gamma,
-        config.normalize_obs,
-        config.normalize_reward,
-        config.obs_clip,
-        config.reward_clip,
-    )
-    agent = ActorCritic(
-        envs.single_observation_space,
-        envs.single_action_space,
-        config.hidden_sizes,
-        config.activation,
-        config.log_std_init,
-    )
+    envs, normalizer, agent = seed_and_build(config)
     # fused: one kernel for all parameters; on CPU ~4x faster than the default per-tensor loop (measured).
     parameters = list(agent.parameters())
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=config.adam_eps, fused=True)

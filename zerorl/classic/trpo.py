@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 
-from zerorl.classic.agents import ActorCritic
+from zerorl.classic.agents import ActorCritic, seed_and_build
 from zerorl.classic.config import TRPOConfig
-from zerorl.classic.envs import Normalizer, make_vector_env
+from zerorl.classic.envs import Normalizer
 from zerorl.classic.rollout import RolloutCollector
 from zerorl.classic.tracking import RunLogger
 from zerorl.core.losses import policy_loss, value_loss
@@ -85,25 +84,7 @@ def trust_region_policy_update(
 def train_trpo(config: TRPOConfig, logger: RunLogger | None = None) -> tuple[ActorCritic, Normalizer]:
     """Train a TRPO agent on `config.env_id`; returns the agent and the normalizer."""
     config.validate()
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    envs = make_vector_env(config.env_id, config.num_envs, config.vectorization_mode)
-    normalizer = Normalizer(
-        envs.single_observation_space.shape,
-        config.num_envs,
-        config.gamma,
-        config.normalize_obs,
-        config.normalize_reward,
-        config.obs_clip,
-        config.reward_clip,
-    )
-    agent = ActorCritic(
-        envs.single_observation_space,
-        envs.single_action_space,
-        config.hidden_sizes,
-        config.activation,
-        config.log_std_init,
-    )
+    envs, normalizer, agent = seed_and_build(config)
     critic_optimizer = torch.optim.Adam(agent.critic.parameters(), lr=config.critic_learning_rate, fused=True)
     collector = RolloutCollector(envs, normalizer, config.num_steps, config.seed)
     batch_size = config.batch_size
