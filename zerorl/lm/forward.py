@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
-from zerorl.lm.parallel import CPUWorkers, thread_safe_forward
+from zerorl.lm.parallel import CPUWorkers, run_tasks
 
 if TYPE_CHECKING:  # zerorl.lm.native imports position_ids_from_mask from here
     from zerorl.lm.native import NativeDecoder
@@ -80,11 +80,7 @@ def batched_logprobs(model: torch.nn.Module, batch, micro_batch_size: int, tempe
                                           temperature=temperature, native=native)
         out[rows, :width] = logprobs.float()  # disjoint rows: safe from concurrent workers
 
-    tasks = [functools.partial(micro_batch, start) for start in range(0, len(batch), micro_batch_size)]
-    if workers is not None and thread_safe_forward(model):
-        workers.run(tasks)
-    else:
-        for task in tasks:
-            task()
+    run_tasks(workers, [functools.partial(micro_batch, start) for start in range(0, len(batch), micro_batch_size)],
+              forward_of=model)
     model.train(was_training)
     return out

@@ -197,6 +197,14 @@ def thread_safe_forward(model: torch.nn.Module) -> bool:
     return rope_type in ("default", "linear", "llama3") and not dropout
 
 
+def run_tasks(workers: CPUWorkers | None, tasks: Sequence[Callable[[], T]], forward_of: torch.nn.Module) -> list[T]:
+    """Run ``tasks`` (passes of ``forward_of``) on ``workers`` when its forward is thread-safe, else one
+    after another on this thread. Results in order."""
+    if workers is not None and thread_safe_forward(forward_of):
+        return workers.run(tasks)
+    return [task() for task in tasks]
+
+
 def replica_count(model: torch.nn.Module, workers: CPUWorkers | None,
                   forward_of: torch.nn.Module | None = None) -> int:
     """The replicas a trainer builds for ``model``: one per training worker when the forward (of
@@ -214,4 +222,4 @@ def default_num_workers(requested: int, device: torch.device) -> int:
 
 
 __all__ = ["REPLICA_GRADIENT_BUDGET", "CPUWorkers", "Replicas", "accumulate_gradients", "balanced_shards",
-           "default_num_workers", "replica_count", "thread_safe_forward", "training_replicas"]
+           "default_num_workers", "replica_count", "run_tasks", "thread_safe_forward", "training_replicas"]

@@ -306,6 +306,12 @@ def nonfinite_abort_message(step: int, in_a_row: int, checkpoint_root) -> str:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
+def _worker_count(run) -> int:
+    """The CPU workers the run's gradients are summed over (checkpoints record it: resume is exact for it)."""
+    workers = getattr(run, "workers", None)
+    return workers.num_workers if workers is not None else 1
+
+
 def save_training_state(run: LMRun, step: int, data_cursor: int, modules: dict[str, torch.nn.Module],
                         optimizer, scheduler, extra: dict | None = None) -> Path:
     tensors = {name: module.state_dict() for name, module in modules.items()}
@@ -314,7 +320,7 @@ def save_training_state(run: LMRun, step: int, data_cursor: int, modules: dict[s
     tensors["rng"] = rng_state()
     state = {"step": step, "data_cursor": data_cursor,
              "wall_seconds": run.wall_seconds_before + time.perf_counter() - run.start_time,
-             "summary": run.summary, "cpu_workers": run.workers.num_workers if getattr(run, "workers", None) else 1,
+             "summary": run.summary, "cpu_workers": _worker_count(run),
              **(extra or {})}
     return save_checkpoint(run.checkpoint_root, step, tensors, state, keep=run.config.save_total_limit)
 
@@ -345,7 +351,7 @@ def restore_training_state(run: LMRun, modules: dict[str, torch.nn.Module], opti
     if scheduler is not None and tensors.get("scheduler"):
         scheduler.load_state_dict(tensors["scheduler"])
     set_rng_state(tensors["rng"])
-    workers_now = run.workers.num_workers if getattr(run, "workers", None) is not None else 1
+    workers_now = _worker_count(run)
     if state.get("cpu_workers", workers_now) != workers_now:
         # Gradient sums (and sharded rollouts) depend on the worker count: the run goes on correctly, but not
         # bit for bit as it would have on the machine that wrote the checkpoint.

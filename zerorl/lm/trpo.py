@@ -39,6 +39,7 @@ from zerorl.core.losses import aggregate, policy_loss, value_loss
 from zerorl.core.trust_region import TRPOStepInfo, trpo_step
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import completion_logits
+from zerorl.lm.grpo import compute_advantages
 from zerorl.lm.lora import merge_lora
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
@@ -188,12 +189,7 @@ def group_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
     """Token advantages [N, Lc] without a critic: each completion's outcome advantage against the other
     samples of its prompt (advantage_estimator, as GRPO: (r − mean_group r) / std_group r by default),
     the same on each of its tokens; 0 on padding."""
-    if config.advantage_estimator == "grpo":
-        outcome = adv.grpo(batch.rewards, config.num_generations, scale=config.scale_rewards)
-    elif config.advantage_estimator == "rloo":
-        outcome = adv.rloo(batch.rewards, config.num_generations)
-    else:
-        outcome = adv.reinforce_pp(batch.rewards)
+    outcome = compute_advantages(batch, config)  # GRPO's, one per completion
     mask = batch.completion_mask.bool()
     return torch.where(mask, outcome.float().to(mask.device).unsqueeze(1), torch.zeros(mask.shape, device=mask.device))
 

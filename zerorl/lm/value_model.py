@@ -24,7 +24,7 @@ from torch import nn
 
 from zerorl.config import TrainConfig
 from zerorl.lm.forward import position_ids_from_mask
-from zerorl.lm.parallel import CPUWorkers, thread_safe_forward
+from zerorl.lm.parallel import CPUWorkers, run_tasks
 from zerorl.optim import AdamW
 from zerorl.rewards import RewardSet
 
@@ -215,12 +215,8 @@ def rollout_logprobs_and_values(policy: nn.Module, critic: nn.Module, batch, mic
         logprobs[start:start + len(rows), :width] = logprobs_from_logits(logits, micro.completion_ids, temperature)
         values[start:start + len(rows), :width] = value
 
-    tasks = [functools.partial(micro_batch, start) for start in range(0, len(batch), micro_batch_size)]
-    if workers is not None and thread_safe_forward(policy):
-        workers.run(tasks)
-    else:
-        for task in tasks:
-            task()
+    run_tasks(workers, [functools.partial(micro_batch, start) for start in range(0, len(batch), micro_batch_size)],
+              forward_of=policy)
     policy.train(modes[0])
     critic.train(modes[1])
     mask = batch.completion_mask.bool()
