@@ -214,6 +214,52 @@ def test_bf16_autocast_stays_close_to_float32(model_and_tokenizer):
     assert (mixed - exact)[mask].abs().max() < 0.1
 
 
+def test_under_bf16_autocast_attention_is_computed_in_float32(model_and_tokenizer):
+    """The CPU's bf16 flash-attention backward is slow for short sequences; zerorl runs attention in float32
+    there (the matrix products around it stay bf16): exactly SDPA over the float32 inputs, rounded once."""
+    model, _ = model_and_tokenizer
+    native = NativeDecoder(model)
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim = native.num_heads, native.num_kv_heads, native.head_dim
+    q = torch.randn(2, heads, 5, dim, generator=gen)  # float32: rotated by float32 cos/sin, as in the forward
+    keys = torch.randn(2, kv_heads, 7, dim, generator=gen)
+    values = torch.randn(2, kv_heads, 7, dim, generator=gen).to(torch.bfloat16)  # a bf16 projection's output
+    mask = torch.rand(2, 1, 5, 7, generator=gen) > 0.3
+    mask[..., 0] = True  # no empty softmax row
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = native._attend(q, keys, values, mask)
+    group = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, keys.repeat_interleave(group, 1), values.float().repeat_interleave(group, 1), attn_mask=mask,
+        scale=native.scale).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_a_frozen_reference_kept_in_bf16_gives_the_same_bits_under_autocast(model_and_tokenizer):
+    """store_for_autocast (bf16=true): the reference's matrix weights are stored as the bf16 casts autocast
+    would make of them at every call — same numbers, half the memory, no casts."""
+    from zerorl.lm.forward import completion_logits as transformers_logits
+    from zerorl.lm.runtime import store_for_autocast
+
+    model, _ = model_and_tokenizer
+    as_is, stored = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+    store_for_autocast(stored, TrainConfig(bf16=False))
+    assert all(p.dtype == torch.float32 for p in stored.parameters())  # bf16=false: untouched
+    store_for_autocast(stored, TrainConfig(bf16=True))
+    assert stored.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert stored.get_input_embeddings().weight.dtype == torch.float32  # looked up, not multiplied: as it was
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert size(stored) < 0.75 * size(as_is)
+    batch = _random_batch(model.config.vocab_size, seed=5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for forward in (lambda m: NativeDecoder(m).completion_logits(*batch),
+                        lambda m: transformers_logits(m, *batch)):
+            assert torch.equal(forward(stored), forward(as_is))
+        stored.load_state_dict(as_is.state_dict())  # a reference refresh or a resume from float32 weights
+        assert torch.equal(NativeDecoder(stored).completion_logits(*batch),
+                           NativeDecoder(as_is).completion_logits(*batch))
+
+
 def test_bf16_autocast_decoding_samples_valid_tokens_with_their_logprobs(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = HFRolloutEngine(model, tokenizer, autocast_dtype=torch.bfloat16)

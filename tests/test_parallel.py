@@ -97,18 +97,20 @@ def test_a_failing_task_lets_the_others_finish_and_leaves_no_half_summed_gradien
     with pytest.raises(RuntimeError, match="exploded"):
         accumulate_gradients(workers, replicas, [0, 1, 2, 3], loss_fn, costs=[1.0, 1.0, 1.0, 1.0])
     workers.shutdown()
-    # Shards by cost: {0, 2} and {1, 3}. The first stops at micro-batch 0; the other runs to its end.
+    # Shards by cost: {0, 2} and {1, 3}. The first stops at micro-batch 0; the other runs to its end (its
+    # terms, which would wait forever for micro-batch 0, are dropped instead).
     assert sorted(finished) == [1, 3]
-    assert all(p.grad is None for p in replicas.models[1].parameters())  # not carried into a later step
+    for replica in replicas.models:  # no partial sum is carried into an optimizer step
+        assert all(p.grad is None for p in replica.parameters())
 
 
-def test_extra_gradient_copies_fit_the_budget_and_unsafe_forwards_stay_serial(model_and_tokenizer, monkeypatch):
+def test_big_models_train_on_fewer_workers_and_unsafe_forwards_stay_serial(model_and_tokenizer, monkeypatch):
     import zerorl.lm.parallel as parallel
 
     model, _ = model_and_tokenizer
     gradient_bytes = sum(p.numel() * 4 for p in model.parameters())
     monkeypatch.setattr(parallel, "REPLICA_GRADIENT_BUDGET", 2 * gradient_bytes)
-    assert parallel.training_replicas(model, 8) == 3  # 1 + 2 copies that fit
+    assert parallel.training_replicas(model, 8) == 3  # 1 + 2 workers' extra memory fits
     monkeypatch.setattr(parallel, "REPLICA_GRADIENT_BUDGET", gradient_bytes - 1)
     assert parallel.training_replicas(model, 8) == 1
     assert parallel.thread_safe_forward(model)
@@ -144,14 +146,14 @@ def _gradients(model, batch, workers, replicas, config):
 
     def loss_fn(replica, micro):
         loss, metrics = grpo_loss(replicas.models[replica], micro, config, on_policy=True, native=natives[replica])
-        return loss * len(micro) / len(batch), float(loss)
+        return loss * len(micro) / len(batch), float(loss.detach())
 
     losses = accumulate_gradients(workers, replicas, micro_batches, loss_fn,
                                   costs=[float(m.completion_mask.sum()) for m in micro_batches])
     return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_parallel_gradients_equal_the_serial_sum_and_repeat_exactly(model_and_tokenizer, one_thread):
+def test_parallel_gradients_are_the_serial_sum_bit_for_bit(model_and_tokenizer, one_thread):
     model, tokenizer = model_and_tokenizer
     batch = _batch(model, tokenizer)
     config = TrainConfig(beta=0.04, max_completion_length=10)
@@ -164,9 +166,11 @@ def test_parallel_gradients_equal_the_serial_sum_and_repeat_exactly(model_and_to
 
     assert losses == serial_losses  # each micro-batch's loss is computed alone: identical
     for name, grad in serial.items():
-        assert torch.allclose(first[name], grad, atol=1e-7, rtol=1e-5), name  # another summation order
-        assert torch.equal(first[name], second[name]), name  # ... but always the same one
-    assert all(p.grad is None for p in replicas.models[1].parameters())  # the copy's sums were handed over
+        # The terms are added in micro-batch order whichever worker finished first: the serial sum exactly.
+        assert torch.equal(first[name], grad), name
+        assert torch.equal(second[name], grad), name
+    for replica in replicas.models[1:]:  # the copies handed every gradient over
+        assert all(p.grad is None for p in replica.parameters())
 
 
 def test_replicas_share_the_weights_but_not_the_gradients(model_and_tokenizer):
@@ -289,3 +293,54 @@ def test_resuming_with_another_worker_count_warns(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("checkpointed with 2 CPU workers and resumes with 1" in err) == warned
         assert not warned or "cpu_workers=2" in err  # and says how to resume exactly
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 0])
+@pytest.mark.parametrize("num_workers", [2, 3])
+def test_ordered_sum_is_the_serial_sum_whatever_order_the_workers_finish_in(num_workers, budget, monkeypatch):
+    """Terms chosen so that the order of addition shows in the bits; the first micro-batches finish last; some
+    micro-batches never reach the second layer. budget=0 makes early terms wait instead of queueing."""
+    import time
+
+    import zerorl.lm.parallel as parallel_module
+
+    monkeypatch.setattr(parallel_module, "PENDING_GRADIENT_BUDGET", budget)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    scales = [1e7, 1.0, -1e7, 3.3e-3, 7.1, -2.9e5, 1e-6]
+    inputs = [torch.randn(2, 3) * scale for scale in scales]
+
+    def make_loss(replicas, delay):
+        def loss_fn(replica, index):
+            net = replicas.models[replica]
+            if delay:
+                time.sleep(0.02 * (len(inputs) - index))  # earlier micro-batches finish later
+            hidden = net[0](inputs[index])
+            # Odd micro-batches stop at the first layer: the second layer's parameters get no term from them.
+            out = hidden.sum() if index % 2 else net[1](torch.tanh(hidden)).square().sum()
+            return out * scales[index], index
+        return loss_fn
+
+    def run(workers, replicas, delay):
+        model.zero_grad(set_to_none=True)
+        order = accumulate_gradients(workers, replicas, list(range(len(inputs))), make_loss(replicas, delay),
+                                     costs=[1.0] * len(inputs))
+        assert order == list(range(len(inputs)))
+        return [p.grad.clone() for p in model.parameters()]
+
+    serial = run(None, Replicas(model, 1), delay=False)
+    workers = CPUWorkers(num_workers)
+    replicas = Replicas(model, num_workers)
+    parallel = run(workers, replicas, delay=True)
+    workers.shutdown()
+    for got, expected in zip(parallel, serial):
+        assert torch.equal(got, expected)
+    # The order matters for these terms: summed the other way round, the bits differ.
+    reverse = [torch.zeros_like(p) for p in model.parameters()]
+    for index in reversed(range(len(inputs))):
+        model.zero_grad(set_to_none=True)
+        make_loss(Replicas(model, 1), False)(0, index)[0].backward()
+        for total, p in zip(reverse, model.parameters()):
+            if p.grad is not None:
+                total.add_(p.grad)
+    assert any(not torch.equal(a, b) for a, b in zip(reverse, serial))

@@ -51,6 +51,7 @@ from zerorl.lm.runtime import (
     sampling_params,
     save_training_state,
     setup_lm_run,
+    store_for_autocast,
 )
 
 
@@ -105,6 +106,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     ref_model = None
     if config.beta > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        store_for_autocast(ref_model, config)
 
     # zerorl's lean forward (same math: shared prompts, no padding in the matmuls) where supported.
     policy_native = native_decoder(model, config)

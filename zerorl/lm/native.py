@@ -220,10 +220,23 @@ class NativeDecoder:
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        """softmax(q kᵀ/√d + mask) v for padded q [B, H, T, d], keys/values [B, Hkv, S, d], mask [B, 1, T, S]."""
+        """softmax(q kᵀ/√d + mask) v for padded q [B, H, T, d], keys/values [B, Hkv, S, d], mask [B, 1, T, S]
+        (boolean, True = attend)."""
         if self.group > 1:  # grouped-query attention: query head h reads key/value head h // group
             keys = keys.repeat_interleave(self.group, dim=1)
             values = values.repeat_interleave(self.group, dim=1)
+        device = q.device.type
+        autocast_on = torch.is_autocast_enabled(device)
+        if device == "cpu" and (autocast_on or values.dtype != torch.float32):
+            # On a CPU, in float32: torch's bf16 flash-attention backward there is ~3× slower than float32's
+            # for these short sequences (31.5M model, bf16: the training pass −12%, benchmarks/RESULTS.md),
+            # and float32 scores are the more precise softmax. Attention is a few % of the FLOPs; the matrix
+            # products around it stay in bf16.
+            out_dtype = torch.get_autocast_dtype(device) if autocast_on else values.dtype
+            with torch.autocast(device, enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                                     scale=self.scale)
+            return out.to(out_dtype)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
 
     def _block(self, layer: nn.Module, x: torch.Tensor, layout: _Layout, cos, sin, mask,

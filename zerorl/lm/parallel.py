@@ -12,16 +12,17 @@ GIL while an op runs. What a worker needs of the caller's thread-local state (gr
 carried over explicitly.
 
 Same math: a reference or π_old pass gives each micro-batch exactly the numbers a one-thread serial pass
-gives it. The training gradient is the same sum, in a different order: each worker accumulates its
-micro-batches, and the workers' sums are added in a fixed order — deterministic for a given number of
-workers, different in the last bits from another number of workers. A rollout split into shards samples
-each shard from its own random stream, so another number of workers samples other completions (same
-distribution). Runs therefore repeat exactly, and resume exactly, for a given number of workers; the trainers
-record it in their checkpoints and warn when a resumed run has another.
+gives it, and the training gradient is the serial sum bit for bit: each worker's gradient of a micro-batch
+is handed over parameter by parameter as autograd completes it, and added into the model's ``.grad`` in
+micro-batch order (``OrderedGradientSum``), whichever worker finishes first. A rollout split into shards
+samples each shard from its own random stream, so another number of workers samples other completions
+(same distribution). Runs therefore repeat exactly, and resume exactly, for a given number of workers; the
+trainers record it in their checkpoints and warn when a resumed run has another.
 
-Memory: each extra worker that trains holds one more gradient accumulator, so ``training_replicas`` caps
-their number at what ``REPLICA_GRADIENT_BUDGET`` bytes of extra gradients allow (a 31.5M-parameter model:
-all workers; 0.5B: none — its matrix products are big enough for the intra-op threads anyway).
+Memory: no worker keeps a gradient accumulator of its own. What a worker adds is its micro-batch's
+activations, and the gradients that wait for their turn in the sum (at most ``PENDING_GRADIENT_BUDGET`` in
+all; on 2 cores and the 31.5M model about one micro-batch's gradient, as the two workers' micro-batches run
+side by side). ``training_replicas`` caps the training workers of big models.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,22 +92,42 @@ class CPUWorkers:
 
 
 class Replicas:
-    """The model and ``count − 1`` copies of it whose parameters share its storage but are leaves of their own.
+    """The model and, for parallel training, ``count`` copies of it (one per worker) whose parameters share the
+    model's storage but are leaves of their own.
 
-    A backward pass through copy k accumulates into copy k's ``.grad`` — in place, one parameter at a time, as
-    ``loss.backward()`` does — so workers accumulate concurrently without racing on ``.grad`` and without a
-    second full gradient per micro-batch in flight. Optimizer steps and ``load_state_dict`` write the
-    shared storage in place, so the copies never go stale. Buffers (e.g. rotary frequencies) are copied.
+    A backward pass through a copy hands each parameter's gradient, as soon as it is complete, to an
+    ``OrderedGradientSum`` that adds it into the model's ``.grad`` in micro-batch order — the order
+    ``loss.backward()`` per micro-batch would use. So no worker holds a gradient accumulator of its own, and
+    the sum is bit for bit the serial one. Optimizer steps and ``load_state_dict`` write the shared storage in
+    place, so the copies never go stale. Buffers (e.g. rotary frequencies) are copied.
+
+    ``models[0]`` is the model (what the serial path trains); ``models[1:]`` are the workers' copies.
     """
 
     def __init__(self, model: torch.nn.Module, count: int):
         self.models = [model]
-        for _ in range(count - 1):
+        self._sum: OrderedGradientSum | None = None  # the accumulation in progress, if any
+        if count <= 1:
+            return
+        trained = [(index, p) for index, p in enumerate(model.parameters()) if p.requires_grad]
+        for _ in range(count):
             memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
-            self.models.append(copy.deepcopy(model, memo))
+            twin = copy.deepcopy(model, memo)
+            twin_params = list(twin.parameters())
+            for slot, (index, _) in enumerate(trained):
+                twin_params[index].register_post_accumulate_grad_hook(functools.partial(self._hand_over, slot))
+            self.models.append(twin)
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def _hand_over(self, slot: int, twin: torch.Tensor) -> None:
+        """Post-accumulate hook of a copy's parameter: its gradient for this micro-batch is complete."""
+        gradient_sum = self._sum
+        if gradient_sum is None:  # a backward through a copy outside accumulate_gradients: plain .grad
+            return
+        gradient, twin.grad = twin.grad, None
+        gradient_sum.deliver(slot, gradient)
 
     def discard_gradients(self) -> None:
         """Drop the copies' gradients (the model's own are the caller's)."""
@@ -113,48 +135,143 @@ class Replicas:
             for twin in other.parameters():
                 twin.grad = None
 
-    def reduce_gradients(self) -> None:
-        """model.grad += copy_k.grad for k = 1, 2, ... (this order always); the copies' gradients are freed."""
-        main = list(self.models[0].parameters())
-        for other in self.models[1:]:
-            for param, twin in zip(main, other.parameters()):
-                if twin.grad is None:
-                    continue
-                param.grad = twin.grad if param.grad is None else param.grad.add_(twin.grad)
-                twin.grad = None
+
+# At most this many bytes of gradients may wait for their turn (a micro-batch that finished before an
+# earlier one); beyond it a worker waits instead. Every parameter's gradient is complete long before it is
+# added, so in practice little waits: the workers run their micro-batches in the order of the sum.
+PENDING_GRADIENT_BUDGET = 256 << 20
+
+_NOTHING = object()
+
+
+class OrderedGradientSum:
+    """Σ_k g_k(θ) into each parameter's ``.grad``, added in increasing micro-batch index k whatever order the
+    workers finish in: bit for bit what ``loss.backward()`` per micro-batch gives in series (the first term is
+    taken as is, the others added in place, as autograd accumulates).
+
+    A gradient whose turn has not come waits in ``pending`` (within ``PENDING_GRADIENT_BUDGET``, else its
+    worker waits). There is no deadlock: each worker runs its micro-batches in increasing index, so the
+    lowest-indexed micro-batch in flight always finds every earlier term already there. A parameter a
+    micro-batch does not reach gets an empty term (``skip_missing``), so later turns never wait for it.
+    """
+
+    def __init__(self, parameters: Sequence[torch.Tensor], budget: int = PENDING_GRADIENT_BUDGET):
+        self.parameters = list(parameters)
+        self.budget = budget
+        self.next_turn = [0] * len(self.parameters)
+        self.pending: list[dict[int, torch.Tensor | None]] = [{} for _ in self.parameters]
+        self.adding = [False] * len(self.parameters)
+        self.pending_bytes = 0
+        self.aborted = False
+        self.condition = threading.Condition()
+        self.local = threading.local()  # this worker's micro-batch index and the parameters it reached
+
+    def begin(self, turn: int) -> None:
+        self.local.turn, self.local.reached = turn, set()
+
+    def deliver(self, slot: int, gradient: torch.Tensor | None) -> None:
+        turn = self.local.turn
+        self.local.reached.add(slot)
+        size = 0 if gradient is None else gradient.numel() * gradient.element_size()
+        with self.condition:
+            while True:
+                if self.aborted:
+                    return
+                if turn == self.next_turn[slot] and not self.adding[slot]:
+                    self.adding[slot] = True
+                    break
+                if turn != self.next_turn[slot] and self.pending_bytes + size <= self.budget:
+                    self.pending[slot][turn] = gradient
+                    self.pending_bytes += size
+                    return
+                self.condition.wait()
+        # This term's turn: add it, then every consecutive term that was waiting. The add runs outside the
+        # lock (other parameters go on meanwhile); ``adding`` keeps this parameter's terms in order.
+        while True:
+            self._add(slot, gradient)
+            with self.condition:
+                self.next_turn[slot] += 1
+                gradient = self.pending[slot].pop(self.next_turn[slot], _NOTHING)
+                if gradient is _NOTHING:
+                    self.adding[slot] = False
+                    self.condition.notify_all()
+                    return
+                if gradient is not None:
+                    self.pending_bytes -= gradient.numel() * gradient.element_size()
+                self.condition.notify_all()
+
+    def _add(self, slot: int, gradient: torch.Tensor | None) -> None:
+        if gradient is None:
+            return
+        param = self.parameters[slot]
+        if param.grad is None:
+            param.grad = gradient
+        else:
+            param.grad.add_(gradient)
+
+    def skip_missing(self) -> None:
+        """After a micro-batch's backward: an empty term for each parameter it did not reach."""
+        for slot in range(len(self.parameters)):
+            if slot not in self.local.reached:
+                self.deliver(slot, None)
+
+    def abort(self) -> None:
+        """A worker failed: from now on terms are dropped and nobody waits (the caller clears the sum)."""
+        with self.condition:
+            self.aborted = True
+            self.condition.notify_all()
 
 
 def accumulate_gradients(workers: CPUWorkers | None, replicas: Replicas, micro_batches: Sequence,
                          loss_fn: Callable[[int, object], tuple[torch.Tensor, T]], costs: Sequence[float]) -> list[T]:
     """Accumulate ∇ Σ_m loss_fn(r, m) over the micro-batches into the model's ``.grad``; return the second
-    output of ``loss_fn`` per micro-batch, in order. ``loss_fn(r, micro)`` computes through replica r.
+    output of ``loss_fn`` per micro-batch, in order. ``loss_fn(r, micro)`` computes through ``replicas.models[r]``.
 
-    Serial (one worker, one replica or one micro-batch): ``loss.backward()`` per micro-batch on replica 0, the
+    Serial (one worker, one replica or one micro-batch): ``loss.backward()`` per micro-batch on the model, the
     plain loop. Parallel: the micro-batches are split into shards of near-equal ``costs`` (e.g. tokens), shard
-    k runs on replica k, and the replicas' sums are added into the model's ``.grad`` in replica order — the
-    result does not depend on which worker finishes first.
+    k runs on copy k + 1, and an ``OrderedGradientSum`` adds each parameter's terms in micro-batch order — the
+    serial sum, bit for bit, whichever worker finishes first. If a micro-batch fails, the model's gradients are
+    cleared (they would be a partial sum) and the error is raised once the other workers have stopped.
     """
     parallel = workers is not None and workers.parallel and len(replicas) > 1 and len(micro_batches) > 1
-    shards = balanced_shards(costs, min(len(replicas), workers.num_workers)) if parallel \
-        else [list(range(len(micro_batches)))]
+    if not parallel:
+        extras = []
+        for micro in micro_batches:
+            loss, extra = loss_fn(0, micro)
+            loss.backward()
+            extras.append(extra)
+        return extras
+
+    model = replicas.models[0]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    gradient_sum = OrderedGradientSum(trained)
+    shards = balanced_shards(costs, min(len(replicas) - 1, workers.num_workers))
 
     def run_shard(replica: int, shard: list[int]) -> list[tuple[int, T]]:
         extras = []
-        for index in shard:
-            loss, extra = loss_fn(replica, micro_batches[index])
-            loss.backward()
-            extras.append((index, extra))
+        try:
+            for index in shard:
+                loss, extra = loss_fn(replica, micro_batches[index])
+                gradient_sum.begin(index)
+                loss.backward()
+                gradient_sum.skip_missing()
+                extras.append((index, extra))
+        except BaseException:
+            gradient_sum.abort()  # the others must not wait for a term that will never come
+            raise
         return extras
 
-    if not parallel:
-        return [extra for _, extra in run_shard(0, shards[0])]
+    replicas._sum = gradient_sum
     try:
-        results = workers.run([functools.partial(run_shard, replica, shard)
+        results = workers.run([functools.partial(run_shard, replica + 1, shard)
                                for replica, shard in enumerate(shards)])
     except BaseException:
-        replicas.discard_gradients()  # a half-accumulated sum must not reach a later step
+        replicas.discard_gradients()
+        for param in trained:  # a partial sum must not reach an optimizer step
+            param.grad = None
         raise
-    replicas.reduce_gradients()
+    finally:
+        replicas._sum = None
     by_index = dict(pair for extras in results for pair in extras)
     return [by_index[i] for i in range(len(micro_batches))]
 
@@ -172,12 +289,15 @@ def balanced_shards(costs: Sequence[float], num_shards: int) -> list[list[int]]:
     return [sorted(shard) for shard in shards if shard]
 
 
-# At most this many bytes of extra gradient accumulators (one per training worker beyond the first).
+# Workers that train at once are capped so that their extra memory — per worker about one gradient's size
+# (its micro-batch's activations, the terms that wait for their turn) — stays within this many bytes: all
+# workers for a 31.5M-parameter model, none beyond the first for 0.5B, whose matrix products are big enough
+# for the intra-op threads anyway.
 REPLICA_GRADIENT_BUDGET = 1 << 30
 
 
 def training_replicas(model: torch.nn.Module, num_workers: int) -> int:
-    """How many of ``num_workers`` workers train at once: 1 + as many extra gradient copies as fit the budget."""
+    """How many of ``num_workers`` workers train at once (see ``REPLICA_GRADIENT_BUDGET``)."""
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     extra = REPLICA_GRADIENT_BUDGET // max(1, gradient_bytes)
     return max(1, min(num_workers, 1 + extra))
@@ -221,5 +341,6 @@ def default_num_workers(requested: int, device: torch.device) -> int:
     return requested if requested > 0 else torch.get_num_threads()
 
 
-__all__ = ["REPLICA_GRADIENT_BUDGET", "CPUWorkers", "Replicas", "accumulate_gradients", "balanced_shards",
-           "default_num_workers", "replica_count", "run_tasks", "thread_safe_forward", "training_replicas"]
+__all__ = ["PENDING_GRADIENT_BUDGET", "REPLICA_GRADIENT_BUDGET", "CPUWorkers", "OrderedGradientSum", "Replicas",
+           "accumulate_gradients", "balanced_shards", "default_num_workers", "replica_count", "run_tasks",
+           "thread_safe_forward", "training_replicas"]
