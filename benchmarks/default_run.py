@@ -4,7 +4,7 @@ Runs the embedded default end to end (cold-start SFT included, in a fresh cache 
 prints held-out accuracy before/after with 95% confidence intervals and the wall time, then appends
 the table to benchmarks/RESULTS.md.
 
-    python benchmarks/default_run.py [--keep-cache] [extra key=value overrides for zerorl train]
+    python benchmarks/default_run.py [--cache-dir DIR] [extra key=value overrides for zerorl train]
 """
 
 from __future__ import annotations

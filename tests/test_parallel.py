@@ -253,11 +253,19 @@ def test_a_run_on_two_workers_repeats_exactly_and_tracks_the_serial_run(algo, ra
     assert any(not torch.equal(first[name], initial[name]) for name in initial)
 
 
-def test_cold_start_sft_on_two_workers_equals_one_worker_to_float_rounding(tmp_path):
+def test_cold_start_sft_on_two_workers_equals_one_worker_to_float_rounding(tmp_path, monkeypatch):
     """The batch split into shards, each shard's mean loss weighted by its share of the target tokens: the
     gradient of the batch mean, so a few steps land on the same weights up to float rounding."""
+    import zerorl.lm.sft as sft_module
     from zerorl.lm.sft import SFTConfig, run_sft
 
+    shard_counts = []
+
+    def counting(workers, replicas, micro_batches, *args, **kwargs):
+        shard_counts.append((workers.num_workers, len(micro_batches)))
+        return accumulate_gradients(workers, replicas, micro_batches, *args, **kwargs)
+
+    monkeypatch.setattr(sft_module, "accumulate_gradients", counting)
     before = torch.get_num_threads()
     weights = {}
     try:
@@ -268,6 +276,7 @@ def test_cold_start_sft_on_two_workers_equals_one_worker_to_float_rounding(tmp_p
             weights[workers] = load_file(run_sft(config, tmp_path / f"w{workers}") / "model.safetensors")
     finally:
         torch.set_num_threads(before)
+    assert set(shard_counts) == {(1, 1), (2, 2)}  # one shard per worker: balanced, none queued behind another
     assert SFTConfig(cpu_workers=1).recipe_hash() == SFTConfig(cpu_workers=2).recipe_hash()  # one cached base
     moved = 0.0
     for name, weight in weights[1].items():

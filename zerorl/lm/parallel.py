@@ -121,6 +121,11 @@ class Replicas:
     def __len__(self) -> int:
         return len(self.models)
 
+    @property
+    def num_workers(self) -> int:
+        """How many workers train through these replicas at once (1: the serial path)."""
+        return max(1, len(self.models) - 1)
+
     def _hand_over(self, slot: int, twin: torch.Tensor) -> None:
         """Post-accumulate hook of a copy's parameter: its gradient for this micro-batch is complete."""
         gradient_sum = self._sum

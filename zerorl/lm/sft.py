@@ -131,8 +131,8 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
         init = config.init_model
     model, tokenizer = load_model_and_tokenizer(str(init), dtype="float32", device="cpu")
     model.train()
-    # The batch is split into one shard per CPU worker; each accumulates into its own copy of the weights'
-    # gradients (zerorl.lm.parallel). One worker: the plain loop, bit for bit.
+    # The batch is split into one shard per CPU worker, each run through its own copy of the module; their
+    # gradients are summed in shard order (zerorl.lm.parallel).
     workers = CPUWorkers(default_num_workers(config.cpu_workers, torch.device("cpu")))
     replicas = Replicas(model, replica_count(model, workers))
 
@@ -160,8 +160,8 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
             prompt = format_prompt(row, config.template, tokenizer)
             completion = task.cold_start_completion(row, rng, error_rate=config.error_rate)
             examples.append(_tokenize_example(tokenizer, prompt, completion))
-        shards = [examples[k * len(examples) // len(replicas):(k + 1) * len(examples) // len(replicas)]
-                  for k in range(len(replicas))]
+        count = replicas.num_workers
+        shards = [examples[k * len(examples) // count:(k + 1) * len(examples) // count] for k in range(count)]
         batches = [_collate(shard, tokenizer.pad_token_id) for shard in shards if shard]
         targets = [int((batch["labels"] != -100).sum()) for batch in batches]
 
