@@ -210,3 +210,50 @@ def test_trpo_over_lora_parameters_only(random_tiny_model, digits_reward, tmp_pa
     assert torch.equal(b["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
     assert torch.equal(b["model.norm.weight"], a["model.norm.weight"])
     assert not torch.equal(b["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_the_trust_region_step_split_across_cpu_workers_equals_the_serial_step(random_tiny_model, digits_reward,
+                                                                                tmp_path):
+    """Gradient, Fisher-vector products and line-search forwards on two workers (each through its own copy
+    of the policy) give the serial numbers up to float summation order, and the same step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from zerorl.core.trust_region import fisher_vector_product, trpo_step
+    from zerorl.lm.parallel import CPUWorkers, Replicas
+    from zerorl.lm.runtime import setup_lm_run
+
+    config = _config(random_tiny_model, tmp_path, reward_funcs=[digits_reward], micro_batch_size=8)
+    run = setup_lm_run(config)
+    batch, old_vocab = _rollout(run, config, seed=3)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    micros = batch.micro_batches(config.micro_batch_size)
+    assert len(micros) == 4
+    workers, replicas = CPUWorkers(2), Replicas(run.model, 2)
+    serial = TrustRegionProblem(run.model, params, micros, old_vocab, config.temperature, fisher_subsample=2)
+    split = TrustRegionProblem(run.model, params, micros, old_vocab, config.temperature, fisher_subsample=2,
+                               workers=workers, replicas=replicas)
+    assert split.parallel and not serial.parallel
+    vector = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel([SDPBackend.MATH]):
+        surrogate = serial.surrogate()
+        gradient = flat_grad(surrogate, params)
+        split_surrogate, split_gradient = split.surrogate_gradient()
+        assert torch.allclose(split_surrogate, surrogate.detach(), atol=1e-7)
+        assert torch.allclose(split_gradient, gradient, rtol=1e-5, atol=1e-7) and gradient.norm() > 0
+        expected = fisher_vector_product(serial.kl, params, damping=0.1)(vector)
+        assert torch.allclose(split.fisher(0.1)(vector), expected, rtol=1e-5, atol=1e-7)
+        with torch.no_grad():
+            assert torch.equal(split.kl(), serial.kl())  # the line search's passes: each micro-batch alone
+
+        start = [p.detach().clone() for p in params]
+        serial_info = trpo_step(params, serial.surrogate, serial.kl, max_kl=config.max_kl)
+        after_serial = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        split_info = trpo_step(params, split.surrogate, split.kl, max_kl=config.max_kl,
+                               gradient_fn=split.surrogate_gradient, fisher_fn=split.fisher)
+    workers.shutdown()
+    assert serial_info.accepted and split_info.accepted and split_info.backtracks == serial_info.backtracks
+    for p, expected_param in zip(params, after_serial):
+        assert torch.allclose(p, expected_param, rtol=1e-4, atol=1e-6)

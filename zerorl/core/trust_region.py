@@ -187,6 +187,8 @@ def trpo_step(
     damping: float = 0.1,
     max_backtracks: int = 10,
     accept_ratio: float = 0.1,
+    gradient_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    fisher_fn: Callable[[float], Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> TRPOStepInfo:
     """One TRPO update of the trainable parameters, in place (Schulman et al. 2015, §6 and App. C):
 
@@ -196,13 +198,19 @@ def trpo_step(
         θ ← θ_old + f·s                    f from `backtracking_line_search`
 
     surrogate_fn and kl_fn are called several times and must recompute from the current parameters.
+    A caller that computes the same quantities its own way (e.g. split across workers) passes
+    ``gradient_fn() → (L, g)`` and ``fisher_fn(damping) → v ↦ (F + damping·I) v``; the defaults are
+    ``flat_grad`` of surrogate_fn() and ``fisher_vector_product`` of kl_fn.
     """
     if max_kl <= 0:
         raise ValueError(f"trpo_step: max_kl (δ) must be > 0, got {max_kl}; TRPO papers use 0.01.")
     params = _trainable(module_or_params)
-    surrogate = surrogate_fn()
+    if gradient_fn is not None:
+        surrogate, grad = gradient_fn()
+    else:
+        surrogate = surrogate_fn()
+        grad = flat_grad(surrogate, params)
     surrogate_before = float(surrogate.detach())
-    grad = flat_grad(surrogate, params)
     grad_norm = float(grad.norm())
 
     def rejected(expected: float) -> TRPOStepInfo:
@@ -212,7 +220,7 @@ def trpo_step(
 
     if not math.isfinite(grad_norm) or grad_norm == 0.0:
         return rejected(0.0)
-    fvp = fisher_vector_product(kl_fn, params, damping)
+    fvp = fisher_fn(damping) if fisher_fn is not None else fisher_vector_product(kl_fn, params, damping)
     direction = conjugate_gradient(fvp, grad, iters=cg_iters)
     curvature = float(direction @ fvp(direction))  # xᵀFx
     del fvp  # frees the KL graph before the line search's forward passes

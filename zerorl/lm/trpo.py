@@ -24,8 +24,10 @@ with plain autograd (the KL is differentiated twice); dtype=bfloat16 is refused.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,11 +38,12 @@ from zerorl.core import advantages as adv
 from zerorl.core.kl import kl_estimate
 from zerorl.core.logprobs import entropy_from_logits
 from zerorl.core.losses import aggregate, policy_loss, value_loss
-from zerorl.core.trust_region import TRPOStepInfo, trpo_step
+from zerorl.core.trust_region import TRPOStepInfo, flat_grad, trpo_step
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import completion_logits
 from zerorl.lm.grpo import compute_advantages
 from zerorl.lm.lora import merge_lora
+from zerorl.lm.parallel import CPUWorkers, Replicas, balanced_shards, replica_count, run_tasks
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
     begin_training,
@@ -103,18 +106,20 @@ class TrustRegionProblem:
 
     def __init__(self, policy: torch.nn.Module, params: list[torch.Tensor], micros: list[RolloutBatch],
                  old_vocab: list[torch.Tensor], temperature: float, fisher_subsample: int = 1,
-                 kl_coef: float = 0.0, kl_estimator: str = "k3"):
+                 kl_coef: float = 0.0, kl_estimator: str = "k3", workers: CPUWorkers | None = None,
+                 replicas: Replicas | None = None):
         self.policy, self.params, self.temperature = policy, params, temperature
+        self.workers, self.replicas = workers, replicas
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.micros, self.old_vocab = micros, old_vocab
         self.tokens = max(1.0, sum(m.completion_mask.sum().item() for m in micros))
-        self.fisher = list(zip(micros, old_vocab))
+        self.fisher_pairs = list(zip(micros, old_vocab))
         if fisher_subsample > 1:
-            self.fisher = []
+            self.fisher_pairs = []
             for micro, old in zip(micros, old_vocab):
                 rows = torch.arange(0, len(micro), fisher_subsample)
                 sub = micro.select(rows)
-                self.fisher.append((sub, old[rows, :sub.completion_ids.shape[1]]))
+                self.fisher_pairs.append((sub, old[rows, :sub.completion_ids.shape[1]]))
         self._cache_key, self._cache = None, []
 
     def _log_probs(self, micros: list[RolloutBatch]) -> list[torch.Tensor]:
@@ -122,36 +127,95 @@ class TrustRegionProblem:
             return [vocab_log_softmax(self._logits(m), self.temperature) for m in micros]
         key = tuple(p._version for p in self.params)
         if key != self._cache_key:  # the weights changed since the last forward pass
-            self._cache = [vocab_log_softmax(self._logits(m), self.temperature) for m in self.micros]
+            # The line search's forward passes: one micro-batch per task, on the CPU workers when there are some.
+            tasks = [lambda m=m: vocab_log_softmax(self._logits(m), self.temperature) for m in self.micros]
+            self._cache = run_tasks(self.workers, tasks, self.policy)
             self._cache_key = key
         return self._cache
 
-    def _logits(self, micro: RolloutBatch) -> torch.Tensor:
-        return completion_logits(self.policy, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+    def _logits(self, micro: RolloutBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return completion_logits(model or self.policy, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
                                  micro.completion_mask)
+
+    def _surrogate_term(self, micro: RolloutBatch, log_probs: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of L: −(its token-mean loss) × (its tokens / the batch's tokens)."""
+        logp = log_probs.gather(-1, micro.completion_ids.unsqueeze(-1)).squeeze(-1)
+        mask = micro.completion_mask.bool()
+        loss, _ = policy_loss(logp, micro.old_logprobs, micro.advantages, mask,
+                              clip_eps_low=NO_CLIP, loss_agg_mode="token-mean")
+        if self.kl_coef > 0 and micro.ref_logprobs is not None:
+            penalty = kl_estimate(logp, micro.ref_logprobs, self.kl_estimator)
+            loss = loss + self.kl_coef * aggregate(penalty, mask, "token-mean")
+        return -loss * (micro.completion_mask.sum().item() / self.tokens)
 
     def surrogate(self) -> torch.Tensor:
         """L(θ) = mean over valid tokens of π_θ/π_old · Â  [− β·k(π_θ‖π_ref)]  (to maximize)."""
         total = 0.0
         for micro, log_probs in zip(self.micros, self._log_probs(self.micros)):
-            logp = log_probs.gather(-1, micro.completion_ids.unsqueeze(-1)).squeeze(-1)
-            mask = micro.completion_mask.bool()
-            loss, _ = policy_loss(logp, micro.old_logprobs, micro.advantages, mask,
-                                  clip_eps_low=NO_CLIP, loss_agg_mode="token-mean")
-            if self.kl_coef > 0 and micro.ref_logprobs is not None:
-                penalty = kl_estimate(logp, micro.ref_logprobs, self.kl_estimator)
-                loss = loss + self.kl_coef * aggregate(penalty, mask, "token-mean")
-            total = total - loss * (micro.completion_mask.sum().item() / self.tokens)
+            total = total + self._surrogate_term(micro, log_probs)
         return total
 
     def kl(self) -> torch.Tensor:
         """Mean over valid tokens of the exact KL(π_old ‖ π_θ) (the Fisher subsample under autograd)."""
-        pairs = self.fisher if torch.is_grad_enabled() else list(zip(self.micros, self.old_vocab))
+        pairs = self.fisher_pairs if torch.is_grad_enabled() else list(zip(self.micros, self.old_vocab))
         log_probs = [vocab_log_softmax(self._logits(m), self.temperature) for m, _ in pairs] \
             if torch.is_grad_enabled() else self._log_probs(self.micros)
         total = sum(vocab_kl_sum(old, lp, m.completion_mask) for (m, old), lp in zip(pairs, log_probs))
         tokens = max(1.0, sum(m.completion_mask.sum().item() for m, _ in pairs))
         return total / tokens
+
+    # --- the same two quantities split across CPU workers (zerorl.lm.parallel) ------------------------
+    @property
+    def parallel(self) -> bool:
+        return self.replicas is not None and self.replicas.num_workers > 1 and len(self.micros) > 1
+
+    def _shards(self) -> list[tuple[torch.nn.Module, list[torch.Tensor], list[int]]]:
+        """(copy of the policy, its parameters matching ``params``, micro-batch indices) per worker."""
+        position = {id(p): i for i, p in enumerate(self.policy.parameters())}
+        costs = [float(m.completion_mask.sum()) for m in self.micros]
+        shards = balanced_shards(costs, min(self.replicas.num_workers, self.workers.num_workers))
+        out = []
+        for k, shard in enumerate(shards):
+            model = self.replicas.models[k + 1]
+            own = list(model.parameters())
+            out.append((model, [own[position[id(p)]] for p in self.params], shard))
+        return out
+
+    def surrogate_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, ∇L): each worker differentiates its micro-batches' terms through its own copy; the per-worker
+        results are added in worker order."""
+        def task(model, params, shard):
+            part = sum(self._surrogate_term(self.micros[i],
+                                            vocab_log_softmax(self._logits(self.micros[i], model), self.temperature))
+                       for i in shard)
+            return part.detach(), flat_grad(part, params)
+
+        parts = self.workers.run([functools.partial(task, *shard) for shard in self._shards()])
+        return sum(value for value, _ in parts), sum(grad for _, grad in parts)
+
+    def fisher(self, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v ↦ (F + damping·I) v with F the Hessian of the (Fisher-subsample) mean KL: each worker keeps the
+        graph of ∇ of its micro-batches' KL terms and answers its share of every product."""
+        tokens = max(1.0, sum(m.completion_mask.sum().item() for m, _ in self.fisher_pairs))
+
+        def build(model, params, shard):
+            kl = sum(vocab_kl_sum(old, vocab_log_softmax(self._logits(micro, model), self.temperature),
+                                  micro.completion_mask)
+                     for micro, old in (self.fisher_pairs[i] for i in shard)) / tokens
+            return params, flat_grad(kl, params, create_graph=True)
+
+        graphs = self.workers.run([functools.partial(build, *shard) for shard in self._shards()])
+
+        def product(params, kl_grad, vector):
+            return flat_grad(kl_grad @ vector, params, retain_graph=True)
+
+        def fvp(vector: torch.Tensor) -> torch.Tensor:
+            vector = vector.detach()
+            parts = self.workers.run([functools.partial(product, params, kl_grad, vector)
+                                      for params, kl_grad in graphs])
+            return sum(parts) + damping * vector
+
+        return fvp
 
 
 @torch.no_grad()
@@ -203,16 +267,21 @@ def gae_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
 
 
 def trust_region_update(policy, params, batch: RolloutBatch, old_vocab: list[torch.Tensor],
-                        config: TrainConfig) -> TRPOStepInfo:
-    """One TRPO step of ``params`` in place; batch carries old_logprobs and advantages."""
+                        config: TrainConfig, workers: CPUWorkers | None = None,
+                        replicas: Replicas | None = None) -> TRPOStepInfo:
+    """One TRPO step of ``params`` in place; batch carries old_logprobs and advantages. With CPU workers (and
+    ``replicas``: copies of the policy sharing its weights) the gradient, the Fisher-vector products and the
+    line search's forward passes are split across them by micro-batch."""
     # With a critic the KL to π_ref is already in the token rewards; without one it goes in the surrogate.
     kl_coef = config.beta if config.trpo_advantages == "group" else 0.0
     problem = TrustRegionProblem(policy, params, batch.micro_batches(config.micro_batch_size), old_vocab,
-                                 config.temperature, config.fisher_subsample, kl_coef, config.kl_estimator)
+                                 config.temperature, config.fisher_subsample, kl_coef, config.kl_estimator,
+                                 workers=workers, replicas=replicas)
+    split = {"gradient_fn": problem.surrogate_gradient, "fisher_fn": problem.fisher} if problem.parallel else {}
     # The fused CPU/GPU attention kernels have no double backward; the math kernel is plain autograd.
     with sdpa_kernel([SDPBackend.MATH]):
         return trpo_step(params, problem.surrogate, problem.kl, max_kl=config.max_kl, cg_iters=config.cg_iters,
-                         damping=config.cg_damping, max_backtracks=config.max_backtracks)
+                         damping=config.cg_damping, max_backtracks=config.max_backtracks, **split)
 
 
 def fit_critic(policy, critic, critic_params, optimizer, batch: RolloutBatch, config: TrainConfig,
@@ -265,6 +334,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     policy_params, critic_params = trainable_parameters(policy, critic, config)
     ref_model = reference_model(policy, config)
     reward_set, scorer = training_reward_set(run, config)
+    # Copies of the policy sharing its weights, one per CPU worker, for the split trust-region step.
+    replicas = Replicas(policy, replica_count(policy, run.workers))
 
     # Only the critic has an optimizer: the policy moves by the natural-gradient step alone.
     optimizer = scheduler = None
@@ -303,7 +374,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         batch.advantages = group_advantages(batch, config) if not with_critic else gae_advantages(batch, config)
 
         # 4. The natural-gradient step with its line search, then the critic.
-        info = trust_region_update(policy, policy_params, batch, old_vocab, config)
+        info = trust_region_update(policy, policy_params, batch, old_vocab, config, run.workers, replicas)
         run.engine.sync_weights(policy)  # vLLM copies the updated weights; the in-process engine reads them live
         critic_metrics = {}
         if with_critic:
