@@ -55,10 +55,12 @@ def _metrics(out) -> list[dict]:
     ("ppo", {}),
     ("trpo", {"trpo_advantages": "gae", "critic_learning_rate": 1e-3}),
     ("trpo", {"trpo_advantages": "group"}),
-    # Two CPU workers: micro-batches in parallel, gradients summed per worker, then in a fixed order.
+    # Two CPU workers: micro-batches in parallel, gradients summed in micro-batch order (PPO, GRPO) or per
+    # worker in worker order (TRPO's trust-region step).
     ("ppo", {"num_threads": 2, "cpu_workers": 2, "micro_batch_size": 4}),
     ("grpo", {"num_threads": 2, "cpu_workers": 2, "micro_batch_size": 4}),
-], ids=["ppo", "trpo-gae", "trpo-group", "ppo-2-workers", "grpo-2-workers"])
+    ("trpo", {"trpo_advantages": "group", "num_threads": 2, "cpu_workers": 2, "micro_batch_size": 4}),
+], ids=["ppo", "trpo-gae", "trpo-group", "ppo-2-workers", "grpo-2-workers", "trpo-2-workers"])
 def test_interrupted_then_resumed_equals_uninterrupted(algo, overrides, random_tiny_model, digits_reward,
                                                        tmp_path, monkeypatch):
     module = {"ppo": ppo, "trpo": trpo, "grpo": grpo}[algo]
