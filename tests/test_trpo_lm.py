@@ -229,6 +229,10 @@ def test_the_trust_region_step_split_across_cpu_workers_equals_the_serial_step(r
     micros = batch.micro_batches(config.micro_batch_size)
     assert len(micros) == 4
     workers, replicas = CPUWorkers(2), Replicas(run.model, 2)
+    old_logprobs = batch.old_logprobs.clone()
+    again = rollout_statistics(run.model, None, batch, config.micro_batch_size, config.temperature, workers=workers)
+    assert torch.equal(batch.old_logprobs, old_logprobs)  # π_old on the workers: each micro-batch alone, same numbers
+    assert all(torch.equal(a, b) for a, b in zip(again, old_vocab))
     serial = TrustRegionProblem(run.model, params, micros, old_vocab, config.temperature, fisher_subsample=2)
     split = TrustRegionProblem(run.model, params, micros, old_vocab, config.temperature, fisher_subsample=2,
                                workers=workers, replicas=replicas)

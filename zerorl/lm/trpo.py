@@ -219,23 +219,29 @@ class TrustRegionProblem:
 
 
 @torch.no_grad()
-def rollout_statistics(policy, critic, batch: RolloutBatch, micro_batch_size: int, temperature: float
-                       ) -> list[torch.Tensor]:
+def rollout_statistics(policy, critic, batch: RolloutBatch, micro_batch_size: int, temperature: float,
+                       workers: CPUWorkers | None = None) -> list[torch.Tensor]:
     """Fill batch.old_logprobs (and batch.values when there is a critic); return log π_old over the
-    vocabulary per micro-batch."""
+    vocabulary per micro-batch. With ``workers`` the micro-batches run concurrently (same numbers)."""
     was_training = policy.training
     policy.eval()
     batch.old_logprobs = torch.zeros(batch.completion_ids.shape, dtype=torch.float32,
                                      device=batch.completion_ids.device)
     values_out = torch.zeros_like(batch.old_logprobs) if critic is not None else None
-    old_vocab = []
-    for start, micro in zip(range(0, len(batch), micro_batch_size), batch.micro_batches(micro_batch_size)):
+    micros = batch.micro_batches(micro_batch_size)
+
+    def statistics(micro: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        values = None
         if critic is not None:
             logits, values = logits_and_values(policy, critic, micro)
         else:
             logits = completion_logits(policy, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
                                        micro.completion_mask)
-        log_probs = vocab_log_softmax(logits, temperature)
+        return vocab_log_softmax(logits, temperature), values
+
+    results = run_tasks(workers, [functools.partial(statistics, micro) for micro in micros], forward_of=policy)
+    old_vocab = []
+    for start, micro, (log_probs, values) in zip(range(0, len(batch), micro_batch_size), micros, results):
         width, rows = micro.completion_ids.shape[1], slice(start, start + len(micro))
         batch.old_logprobs[rows, :width] = log_probs.gather(-1, micro.completion_ids.unsqueeze(-1)).squeeze(-1)
         if values_out is not None:
@@ -366,7 +372,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         mask = batch.completion_mask.bool()
 
         # 2. π_old (tokens and whole vocabulary: the KL constraint is exact), V, π_ref.
-        old_vocab = rollout_statistics(policy, critic, batch, config.micro_batch_size, config.temperature)
+        old_vocab = rollout_statistics(policy, critic, batch, config.micro_batch_size, config.temperature,
+                                       workers=run.workers)
         if config.beta > 0:
             batch.ref_logprobs = reference_logprobs(policy, ref_model, batch, config, workers=run.workers)
 
