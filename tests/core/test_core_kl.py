@@ -38,6 +38,17 @@ def test_errors():
         kl_estimate(torch.zeros(2), torch.zeros(3), "k1")
 
 
+def test_k3_keeps_its_digits_near_zero_in_float32():
+    """x = ref − logp = 1e-4: k3 = x²/2 + x³/6 + … = 5.0002e-9. exp(x) − x − 1 in float32 gives 0.0 (every digit
+    below float32's 1.2e-7 at 1 cancels); expm1(x) − x keeps them."""
+    logp = torch.tensor([0.0], dtype=torch.float32)
+    ref = torch.tensor([1e-4], dtype=torch.float32)
+    assert math.isclose(kl_estimate(logp, ref, "k3").item(), 5.0001667e-9, rel_tol=1e-3)
+    small = torch.cat([torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * scale
+                       for scale in (1e-2, 1e-4, 1e-8)])
+    assert (kl_estimate(torch.zeros_like(small), small, "k3") >= 0).all()
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.floats(-30, 0), st.floats(-30, 0))
 def test_k2_k3_are_non_negative(logp, ref):

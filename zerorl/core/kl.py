@@ -32,9 +32,11 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
               "k2" → ½ (logp − ref_logp)²;
               "k3" → exp(ref_logp − logp) − (ref_logp − logp) − 1   (GRPO, DeepSeekMath eq. 4).
 
-    For k3 the log-ratio is clamped to [−20, 20] before exp so a single wild token cannot overflow to
-    inf (and poison the loss with NaN); inside that range the value is exactly the formula, outside it
-    the gradient is zero (verl's `kl_penalty("low_var_kl")` clamps the result for the same reason).
+    k3 is evaluated as expm1(x) − x with x = ref_logp − logp: the same function, without the cancellation
+    of exp(x) − x − 1 near x = 0. The log-ratio is clamped to [−20, 20] before exp so a single wild token
+    cannot overflow to inf (and poison the loss with NaN); inside that range the value is exactly the
+    formula, outside it the gradient is zero (verl's `kl_penalty("low_var_kl")` clamps the result for the
+    same reason).
 
     Returns a tensor shaped like `logp`; mask and aggregate it with `losses.aggregate`.
     """
@@ -49,5 +51,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
         return 0.5 * (logp - ref_logp).square()
     if kind == "k3":
         log_ratio = (ref_logp - logp).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
-        return torch.exp(log_ratio) - log_ratio - 1.0
+        # The same formula, as expm1(x) − x: exp(x) − x − 1 cancels every digit below the float's precision
+        # at 1 near x = 0, where a policy close to π_ref puts almost every token (float32, x = 1e-4: 0.0
+        # instead of 5.0e-9), and came out below 0 for a third of small x.
+        return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"kl_estimate: unknown kind {kind!r}; choose one of {list(KL_ESTIMATORS)}.")
