@@ -98,8 +98,8 @@ class Replicas:
     model's storage but are leaves of their own.
 
     A backward pass through a copy hands each parameter's gradient, as soon as it is complete, to an
-    ``OrderedGradientSum`` that adds it into the model's ``.grad`` in micro-batch order — the order
-    ``loss.backward()`` per micro-batch would use. So no worker holds a gradient accumulator of its own, and
+    ``OrderedGradientSum`` that adds it into the model's ``.grad`` in a fixed micro-batch order — the order
+    the serial loop of ``accumulate_gradients`` uses. So no worker holds a gradient accumulator of its own, and
     the sum is bit for bit the serial one. Optimizer steps and ``load_state_dict`` write the shared storage in
     place, so the copies never go stale. Buffers (e.g. rotary frequencies) are copied.
 
@@ -152,13 +152,14 @@ _NOTHING = object()
 
 
 class OrderedGradientSum:
-    """Σ_k g_k(θ) into each parameter's ``.grad``, added in increasing micro-batch index k whatever order the
-    workers finish in: bit for bit what ``loss.backward()`` per micro-batch gives in series (the first term is
-    taken as is, the others added in place, as autograd accumulates).
+    """Σ_t g_t(θ) into each parameter's ``.grad``, added in increasing turn t (the caller's order of the
+    micro-batches) whatever order the workers finish in: bit for bit what ``loss.backward()`` per micro-batch
+    gives in series in that order (the first term is taken as is, the others added in place, as autograd
+    accumulates).
 
     A gradient whose turn has not come waits in ``pending`` (within ``PENDING_GRADIENT_BUDGET``, else its
-    worker waits). There is no deadlock: each worker runs its micro-batches in increasing index, so the
-    lowest-indexed micro-batch in flight always finds every earlier term already there. A parameter a
+    worker waits). There is no deadlock: each worker runs its micro-batches in increasing turn, so the
+    earliest turn in flight always finds every earlier term already there. A parameter a
     micro-batch does not reach gets an empty term (``skip_missing``), so later turns never wait for it.
     """
 

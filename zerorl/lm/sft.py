@@ -132,7 +132,7 @@ def run_sft(config: SFTConfig, output_dir: str | Path) -> Path:
     model, tokenizer = load_model_and_tokenizer(str(init), dtype="float32", device="cpu")
     model.train()
     # The batch is split into one shard per CPU worker, each run through its own copy of the module; their
-    # gradients are summed in shard order (zerorl.lm.parallel).
+    # gradients are summed in the fixed order of zerorl.lm.parallel.accumulate_gradients.
     workers = CPUWorkers(default_num_workers(config.cpu_workers, torch.device("cpu")))
     replicas = Replicas(model, replica_count(model, workers))
 

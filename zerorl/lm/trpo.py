@@ -120,22 +120,30 @@ class TrustRegionProblem:
                 rows = torch.arange(0, len(micro), fisher_subsample)
                 sub = micro.select(rows)
                 self.fisher_pairs.append((sub, old[rows, :sub.completion_ids.shape[1]]))
+        self.fisher_tokens = max(1.0, sum(m.completion_mask.sum().item() for m, _ in self.fisher_pairs))
         self._cache_key, self._cache = None, []
 
     def _log_probs(self, micros: list[RolloutBatch]) -> list[torch.Tensor]:
         if torch.is_grad_enabled():
-            return [vocab_log_softmax(self._logits(m), self.temperature) for m in micros]
+            return [self._vocab_log_probs(m) for m in micros]
         key = tuple(p._version for p in self.params)
         if key != self._cache_key:  # the weights changed since the last forward pass
             # The line search's forward passes: one micro-batch per task, on the CPU workers when there are some.
-            tasks = [lambda m=m: vocab_log_softmax(self._logits(m), self.temperature) for m in self.micros]
+            tasks = [functools.partial(self._vocab_log_probs, m) for m in self.micros]
             self._cache = run_tasks(self.workers, tasks, self.policy)
             self._cache_key = key
         return self._cache
 
-    def _logits(self, micro: RolloutBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
-        return completion_logits(model or self.policy, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
-                                 micro.completion_mask)
+    def _vocab_log_probs(self, micro: RolloutBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """log π_θ over the vocabulary at every completion position, through ``model`` (default the policy)."""
+        logits = completion_logits(model or self.policy, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                   micro.completion_mask)
+        return vocab_log_softmax(logits, self.temperature)
+
+    def _kl_sum(self, pairs, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Σ over the valid tokens of ``pairs`` (micro-batch, log π_old) of the exact KL(π_old ‖ π_θ), with graph."""
+        return sum(vocab_kl_sum(old, self._vocab_log_probs(micro, model), micro.completion_mask)
+                   for micro, old in pairs)
 
     def _surrogate_term(self, micro: RolloutBatch, log_probs: torch.Tensor) -> torch.Tensor:
         """One micro-batch's share of L: −(its token-mean loss) × (its tokens / the batch's tokens)."""
@@ -157,12 +165,11 @@ class TrustRegionProblem:
 
     def kl(self) -> torch.Tensor:
         """Mean over valid tokens of the exact KL(π_old ‖ π_θ) (the Fisher subsample under autograd)."""
-        pairs = self.fisher_pairs if torch.is_grad_enabled() else list(zip(self.micros, self.old_vocab))
-        log_probs = [vocab_log_softmax(self._logits(m), self.temperature) for m, _ in pairs] \
-            if torch.is_grad_enabled() else self._log_probs(self.micros)
-        total = sum(vocab_kl_sum(old, lp, m.completion_mask) for (m, old), lp in zip(pairs, log_probs))
-        tokens = max(1.0, sum(m.completion_mask.sum().item() for m, _ in pairs))
-        return total / tokens
+        if torch.is_grad_enabled():
+            return self._kl_sum(self.fisher_pairs) / self.fisher_tokens
+        total = sum(vocab_kl_sum(old, lp, m.completion_mask)
+                    for m, old, lp in zip(self.micros, self.old_vocab, self._log_probs(self.micros)))
+        return total / self.tokens
 
     # --- the same two quantities split across CPU workers (zerorl.lm.parallel) ------------------------
     @property
@@ -185,9 +192,7 @@ class TrustRegionProblem:
         """(L, ∇L): each worker differentiates its micro-batches' terms through its own copy; the per-worker
         results are added in worker order."""
         def task(model, params, shard):
-            part = sum(self._surrogate_term(self.micros[i],
-                                            vocab_log_softmax(self._logits(self.micros[i], model), self.temperature))
-                       for i in shard)
+            part = sum(self._surrogate_term(self.micros[i], self._vocab_log_probs(self.micros[i], model)) for i in shard)
             return part.detach(), flat_grad(part, params)
 
         parts = self.workers.run([functools.partial(task, *shard) for shard in self._shards()])
@@ -196,12 +201,8 @@ class TrustRegionProblem:
     def fisher(self, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """v ↦ (F + damping·I) v with F the Hessian of the (Fisher-subsample) mean KL: each worker keeps the
         graph of ∇ of its micro-batches' KL terms and answers its share of every product."""
-        tokens = max(1.0, sum(m.completion_mask.sum().item() for m, _ in self.fisher_pairs))
-
         def build(model, params, shard):
-            kl = sum(vocab_kl_sum(old, vocab_log_softmax(self._logits(micro, model), self.temperature),
-                                  micro.completion_mask)
-                     for micro, old in (self.fisher_pairs[i] for i in shard)) / tokens
+            kl = self._kl_sum([self.fisher_pairs[i] for i in shard], model) / self.fisher_tokens
             return params, flat_grad(kl, params, create_graph=True)
 
         graphs = self.workers.run([functools.partial(build, *shard) for shard in self._shards()])
