@@ -15,7 +15,7 @@ from zerorl.lm.forward import completion_logits
 from zerorl.lm.grpo import grpo_loss
 from zerorl.lm.lora import apply_lora
 from zerorl.lm.models import build_tiny_model, load_model_and_tokenizer
-from zerorl.lm.native import NativeDecoder, SwiGLUDown, unsupported_reason
+from zerorl.lm.native import NativeDecoder, SwiGLUDown, _silu_grad, unsupported_reason
 from zerorl.lm.rollout import HFRolloutEngine, SamplingParams
 
 
@@ -88,6 +88,17 @@ def test_a_prompt_shared_by_its_group_gives_each_row_the_logits_it_would_get_alo
                                          completion_ids[row:row + 1], completion_mask[row:row + 1])
         width = int(completion_mask[row].sum())
         assert torch.allclose(together[row, :width], alone[0, :width], atol=1e-5, rtol=0)
+
+
+def test_completions_one_token_wide_are_predicted_from_the_prompts_alone(model_and_tokenizer):
+    """Lc = 1: the joint pass has no completion inputs, only the prompts' last positions."""
+    model, _ = model_and_tokenizer
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _random_batch(model.config.vocab_size, seed=5)
+    narrow = (prompt_ids, prompt_mask, completion_ids[:, :1], completion_mask[:, :1])
+    plain = completion_logits(model, *narrow)
+    native = completion_logits(model, *narrow, native=NativeDecoder(model))
+    assert native.shape == plain.shape == (6, 1, model.config.vocab_size)
+    assert torch.allclose(native, plain, atol=1e-5, rtol=0)
 
 
 def test_native_decoding_samples_what_the_transformers_decoding_samples(model_and_tokenizer):
@@ -194,9 +205,25 @@ def test_swiglu_down_gradients_match_finite_differences():
     gate = torch.randn(3, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     up = torch.randn(3, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, weight))
+    assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, weight))  # backward: torch's silu_backward
+    # A double backward (TRPO's Fisher-vector products) takes the differentiable spelling of silu'.
+    assert torch.autograd.gradgradcheck(SwiGLUDown.apply, (gate, up, weight))
     expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight)
     assert torch.allclose(SwiGLUDown.apply(gate, up, weight), expected)
+
+
+def test_both_spellings_of_the_silu_derivative_agree_with_autograd():
+    gen = torch.Generator().manual_seed(1)
+    gate = torch.randn(7, 9, dtype=torch.float64, generator=gen) * 4
+    grad = torch.randn(7, 9, dtype=torch.float64, generator=gen)
+    leaf = gate.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.nn.functional.silu(leaf), leaf, grad)
+    with torch.no_grad():
+        fused = _silu_grad(grad, gate)
+    with torch.enable_grad():
+        spelled_out = _silu_grad(grad, gate)
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spelled_out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_bf16_autocast_stays_close_to_float32(model_and_tokenizer):
