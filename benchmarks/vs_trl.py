@@ -132,10 +132,10 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict, log: Path) -> None:
+def _run(cmd: list[str], env: dict, log: Path, cwd: Path = REPO_ROOT) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
-        proc = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        proc = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -179,8 +179,11 @@ _ZERORL_CHILD = (
 
 def run_zerorl(model_dir: Path, steps: int = 6, threads: int = 2, prompts: int = 8, generations: int = 8,
                completion_length: int = 32, beta: float = 0.04, learning_rate: float = 2e-4,
-               tag: str = "zerorl", extra: tuple[str, ...] = ()) -> dict:
-    """`zerorl train --task arithmetic` on `model_dir` in a fresh process; timed steps exclude the first."""
+               tag: str = "zerorl", extra: tuple[str, ...] = (), source: Path = REPO_ROOT) -> dict:
+    """`zerorl train --task arithmetic` on `model_dir` in a fresh process; timed steps exclude the first.
+
+    ``source``: the checkout whose zerorl runs (the child starts there, and `python -c` puts its working
+    directory first on the import path; benchmarks/step_ab.py points it at another revision)."""
     run_dir = WORK_DIR / "runs" / tag
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-c", _ZERORL_CHILD, "train", "--model", str(model_dir), "--task", "arithmetic",
@@ -191,11 +194,13 @@ def run_zerorl(model_dir: Path, steps: int = 6, threads: int = 2, prompts: int =
            "device=cpu", "dtype=float32", "eval_at_start=false", "eval_at_end=false", "plots=false",
            "save_steps=0", "progress=false", "num_eval=8", *extra]
     log = WORK_DIR / "runs" / f"{tag}.log"
-    _run(cmd, _child_env(threads), log)
+    _run(cmd, _child_env(threads), log, cwd=source)
     peak_kb = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("PEAK_RSS_KB")]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = _summary("zerorl", [row["step_time"] for row in rows], [int(row["num_tokens"]) for row in rows],
                       int(peak_kb[-1]) / 1024)
+    for phase in ("time/generate", "time/train"):  # per timed step, as step_seconds
+        result[phase] = [row[phase] for row in rows[1:]]
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a random model: nothing to keep
     return result
 

@@ -141,3 +141,19 @@ def test_ratios_use_trl_at_its_best():
     assert "zerorl-lean (cpu_workers=1 micro_batch_size=8): peak RSS / TRL-leanest = 0.50** (target ≤ 0.70); " \
         "completion tokens/s / TRL-best = 1.00×" in table
     assert vs_trl.ZERORL_EXTRA["zerorl-lean"] == ("cpu_workers=1", "micro_batch_size=8")
+
+
+def test_step_ab_pools_the_timed_steps_of_each_side_and_divides_new_by_base():
+    import step_ab
+
+    base_runs = [{"step_seconds": [1.0, 3.0], "time/generate": [0.5, 0.5], "time/train": [0.4, 2.0],
+                  "completion_tokens": [100, 100], "peak_rss_mb": 500.0},
+                 {"step_seconds": [2.0], "time/generate": [1.0], "time/train": [1.0],
+                  "completion_tokens": [100], "peak_rss_mb": 700.0}]
+    base = step_ab.describe(base_runs)
+    assert base == {"s/step": 2.0, "rollout s": 2.0 / 3, "training s": 3.4 / 3, "tokens/s": 50.0,
+                    "peak RSS MB": 700.0}
+    new = dict(base, **{"s/step": 1.5, "peak RSS MB": 350.0})
+    table = step_ab.format_table("m", base, new, "abc1234", rounds=2).splitlines()
+    assert table[2].startswith("| base abc1234 | 2.000 |")
+    assert table[4] == "| this tree / base | 0.750 | 1.000 | 1.000 | 1.000 | 0.500 |"
