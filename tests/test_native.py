@@ -101,6 +101,57 @@ def test_completions_one_token_wide_are_predicted_from_the_prompts_alone(model_a
     assert torch.allclose(native, plain, atol=1e-5, rtol=0)
 
 
+def _rollout(model, tokenizer, seed=4):
+    prompts = ["12+34=", "7-5=", "100+1=?"]
+    engine = HFRolloutEngine(model, tokenizer, native=True)
+    return engine, engine.generate(prompts, SamplingParams(max_new_tokens=9, n=3, stop_strings=()), seed=seed)
+
+
+def test_scripted_decode_layers_give_the_eager_loop_s_tokens_and_logprobs_bit_for_bit(model_and_tokenizer,
+                                                                                        monkeypatch):
+    """TorchScript runs the same float32 ops as the eager decode loop (zerorl.lm.decode_step): a whole rollout
+    samples the same tokens with the same log-probs. Qwen3's q/k norms keep it on the eager loop."""
+    model, tokenizer = model_and_tokenizer
+    engine, scripted = _rollout(model, tokenizer)
+    uses_script = engine.native.scripted_decode_layers() is not None
+    assert uses_script == (not hasattr(model.model.layers[0].self_attn, "q_norm"))
+    monkeypatch.setattr(NativeDecoder, "scripted_decode_layers", lambda self, *args, **kwargs: None)
+    _, eager = _rollout(model, tokenizer)
+    assert torch.equal(scripted.completion_ids, eager.completion_ids)
+    assert torch.equal(scripted.sampling_logprobs, eager.sampling_logprobs)
+    assert scripted.finish_reasons == eager.finish_reasons
+
+
+def test_decoding_falls_back_to_the_eager_loop_where_torchscript_fails(model_and_tokenizer, monkeypatch):
+    from zerorl.lm import decode_step
+
+    model, tokenizer = model_and_tokenizer
+    _, expected = _rollout(model, tokenizer, seed=6)
+
+    def unavailable(fn):
+        raise RuntimeError("no TorchScript in this build")
+
+    monkeypatch.setattr(decode_step, "_SCRIPTED", [])  # compile again, with torch.jit.script failing
+    monkeypatch.setattr(torch.jit, "script", unavailable)
+    engine, fallback = _rollout(model, tokenizer, seed=6)
+    assert engine.native.scripted_decode_layers() is None
+    assert torch.equal(fallback.completion_ids, expected.completion_ids)
+    assert torch.equal(fallback.sampling_logprobs, expected.sampling_logprobs)
+
+
+def test_the_scripted_layers_are_not_used_under_autocast_or_with_module_calls(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    native = NativeDecoder(model)
+    if native.qk_norm:
+        pytest.skip("q/k norms: never scripted")
+    assert native.scripted_decode_layers() is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert native.scripted_decode_layers(native.decode_weights("cpu"), "cpu") is None
+    weights = native.decode_weights("cpu")
+    weights.layers[0] = (None, *weights.layers[0][1:])  # a LoRA-wrapped q/k/v: called as modules
+    assert native.scripted_decode_layers(weights) is None
+
+
 def test_native_decoding_samples_what_the_transformers_decoding_samples(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = ["12+34=", "7-5=", "100+1=?"]

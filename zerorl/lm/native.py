@@ -407,6 +407,29 @@ class NativeDecoder:
                   for layer in self.layers]
         return DecodeWeights(layers, _fused([self.lm_head], dtype))
 
+    def scripted_decode_layers(self, weights: DecodeWeights | None = None, device_type: str = "cpu"):
+        """zerorl.lm.decode_step's TorchScript layers when a decode step here is exactly its float32 ops (no q/k
+        norms, every layer's weights fused, float32 throughout, autocast off, one RMSNorm ε), else None."""
+        if self.qk_norm or torch.is_autocast_enabled(device_type):
+            return None
+        norms = [norm for layer in self.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if len({getattr(norm, "variance_epsilon", None) for norm in norms}) != 1 \
+                or any(norm.weight.dtype != torch.float32 for norm in norms):
+            return None
+        if weights is not None:
+            tensors = [t for layer in weights.layers for fused in layer if fused is not None for t in fused]
+            if any(fused is None for layer in weights.layers for fused in layer) \
+                    or any(t is not None and t.dtype != torch.float32 for t in tensors) \
+                    or any(layer[2][1] is not None for layer in weights.layers):  # gate|up with a bias
+                return None
+        elif not all(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 for layer in self.layers
+                     for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)):
+            return None
+        from zerorl.lm.decode_step import scripted_decode_layers
+
+        return scripted_decode_layers()
+
     @torch.no_grad()
     def start_decoding(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, row_prompt: torch.Tensor,
                        max_new_tokens: int, weights: DecodeWeights | None = None) -> tuple[torch.Tensor, DecodeState]:
@@ -469,6 +492,16 @@ class DecodeState:
         self.positions = prompt_mask.sum(1)[row_prompt]  # position of the first generated token
         self.has_padding = not bool(prompt_mask.bool().all())
         self.weights, self.lm_head = weights.layers, weights.lm_head
+        # The layers as one TorchScript call where the eager loop below is plain float32 ops (zerorl.lm.decode_step).
+        self.scripted = decoder.scripted_decode_layers(weights, prompt_cache[0][0].device.type)
+        if self.scripted is not None:
+            columns = list(zip(*[(qkv[0], o[0], gate_up[0], down[0]) for qkv, o, gate_up, down in self.weights]))
+            self.script_weights = (
+                list(columns[0]), [qkv[1] for qkv, _, _, _ in self.weights if qkv[1] is not None],
+                list(columns[1]), [o[1] for _, o, _, _ in self.weights if o[1] is not None],
+                list(columns[2]), list(columns[3]), [down[1] for *_, down in self.weights if down[1] is not None],
+                [layer.input_layernorm.weight for layer in decoder.layers],
+                [layer.post_attention_layernorm.weight for layer in decoder.layers])
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (the others finished)."""
@@ -480,14 +513,31 @@ class DecodeState:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [b]; return the next-token logits [b, V]."""
         d = self.decoder
-        rows, column = tokens.shape[0], self.column
+        column = self.column
         x = d.embed(tokens)
         cos, sin = d.rotary(x[:, None], self.positions[:, None])  # [b, 1, d]: broadcasts over heads
-        q_width, kv_width = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
         mask = None
         if self.has_padding:
             mask = torch.zeros(self.key_mask[:, : column + 1].shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(~self.key_mask[:, : column + 1], float("-inf"))[:, None, None, :]
+        if self.scripted is not None:
+            # The plain interpreter: the profiling executor would specialize again on every new shape (rows leave,
+            # the cache grows a column per step) and fuses nothing on a CPU anyway (thread-local setting).
+            with torch.jit.optimized_execution(False):
+                x = self.scripted(x, *self.script_weights, self.keys, self.values, cos, sin, mask, column,
+                                  d.num_heads, d.num_kv_heads, d.head_dim, d.scale,
+                                  d.layers[0].input_layernorm.variance_epsilon)
+        else:
+            x = self._eager_layers(x, cos, sin, mask)
+        self.column += 1
+        self.positions = self.positions + 1
+        return _linear(rms_norm(x, d.final_norm), self.lm_head, d.lm_head)
+
+    def _eager_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        """The decoder layers of a step, op by op (any weights: fused or module calls, q/k norms, autocast)."""
+        d = self.decoder
+        rows, column = x.shape[0], self.column
+        q_width, kv_width = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
         for layer, keys, values, (qkv, o, gate_up, down) in zip(d.layers, self.keys, self.values, self.weights):
             attn, mlp = layer.self_attn, layer.mlp
             h = rms_norm(x, layer.input_layernorm)
@@ -522,9 +572,7 @@ class DecodeState:
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + _linear(F.silu(gate) * up, down, mlp.down_proj)
-        self.column += 1
-        self.positions = self.positions + 1
-        return _linear(rms_norm(x, d.final_norm), self.lm_head, d.lm_head)
+        return x
 
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "DecodeWeights", "NativeDecoder", "SwiGLUDown", "layer_flops", "rms_norm",
