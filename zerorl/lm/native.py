@@ -413,7 +413,8 @@ class NativeDecoder:
         if self.qk_norm or torch.is_autocast_enabled(device_type):
             return None
         norms = [norm for layer in self.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        if len({getattr(norm, "variance_epsilon", None) for norm in norms}) != 1 \
+        epsilons = {getattr(norm, "variance_epsilon", None) for norm in norms}
+        if len(epsilons) != 1 or None in epsilons or self.embed.weight.dtype != torch.float32 \
                 or any(norm.weight.dtype != torch.float32 for norm in norms):
             return None
         if weights is not None:
