@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from zerorl.config import TrainConfig
 from zerorl.lm.batch import RolloutBatch
@@ -120,6 +120,26 @@ def test_scripted_decode_layers_give_the_eager_loop_s_tokens_and_logprobs_bit_fo
     assert torch.equal(scripted.completion_ids, eager.completion_ids)
     assert torch.equal(scripted.sampling_logprobs, eager.sampling_logprobs)
     assert scripted.finish_reasons == eager.finish_reasons
+
+
+def test_scripted_decode_layers_with_output_projection_biases(tmp_path, monkeypatch):
+    """Llama with attention_bias: q/k/v and o carry biases (the fixtures' Qwen2 has q/k/v biases only)."""
+    directory = build_tiny_model(tmp_path / "m", arch="llama", tokenizer="bpe", hidden_size=64, num_layers=2,
+                                 num_heads=4, num_kv_heads=2)
+    _, tokenizer = load_model_and_tokenizer(str(directory), native=False)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                         max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.self_attn.o_proj.bias, std=0.1)
+    engine, scripted = _rollout(model, tokenizer, seed=2)
+    assert engine.native.scripted_decode_layers() is not None
+    monkeypatch.setattr(NativeDecoder, "scripted_decode_layers", lambda self, *args, **kwargs: None)
+    _, eager = _rollout(model, tokenizer, seed=2)
+    assert torch.equal(scripted.completion_ids, eager.completion_ids)
+    assert torch.equal(scripted.sampling_logprobs, eager.sampling_logprobs)
 
 
 def test_decoding_falls_back_to_the_eager_loop_where_torchscript_fails(model_and_tokenizer, monkeypatch):
