@@ -42,7 +42,11 @@ def _git(*args: str) -> str:
 
 def checkout(revision: str) -> tuple[Path, str]:
     """``revision`` in a detached worktree under benchmarks/_work; returns (its path, its short hash)."""
-    commit = _git("rev-parse", "--short", f"{revision}^{{commit}}")
+    try:
+        commit = _git("rev-parse", "--short", f"{revision}^{{commit}}")
+    except subprocess.CalledProcessError as error:
+        raise SystemExit(f"--base {revision!r} is not a commit of this repository ({error.stderr.strip()}). "
+                         "Fix: pass a commit, tag or branch, e.g. --base HEAD~1.") from None
     path = vs_trl.WORK_DIR / f"ab-{commit}"
     if path.exists():
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=vs_trl.REPO_ROOT)
