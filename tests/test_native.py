@@ -113,7 +113,7 @@ def test_scripted_decode_layers_give_the_eager_loop_s_tokens_and_logprobs_bit_fo
     samples the same tokens with the same log-probs. Qwen3's q/k norms keep it on the eager loop."""
     model, tokenizer = model_and_tokenizer
     engine, scripted = _rollout(model, tokenizer)
-    uses_script = engine.native.scripted_decode_layers() is not None
+    uses_script = engine.native.scripted_decode_layers(engine.native.decode_weights()) is not None
     assert uses_script == (not hasattr(model.model.layers[0].self_attn, "q_norm"))
     monkeypatch.setattr(NativeDecoder, "scripted_decode_layers", lambda self, *args, **kwargs: None)
     _, eager = _rollout(model, tokenizer)
@@ -135,7 +135,7 @@ def test_scripted_decode_layers_with_output_projection_biases(tmp_path, monkeypa
     for layer in model.model.layers:
         torch.nn.init.normal_(layer.self_attn.o_proj.bias, std=0.1)
     engine, scripted = _rollout(model, tokenizer, seed=2)
-    assert engine.native.scripted_decode_layers() is not None
+    assert engine.native.scripted_decode_layers(engine.native.decode_weights()) is not None
     monkeypatch.setattr(NativeDecoder, "scripted_decode_layers", lambda self, *args, **kwargs: None)
     _, eager = _rollout(model, tokenizer, seed=2)
     assert torch.equal(scripted.completion_ids, eager.completion_ids)
@@ -154,7 +154,7 @@ def test_decoding_falls_back_to_the_eager_loop_where_torchscript_fails(model_and
     monkeypatch.setattr(decode_step, "_SCRIPTED", [])  # compile again, with torch.jit.script failing
     monkeypatch.setattr(torch.jit, "script", unavailable)
     engine, fallback = _rollout(model, tokenizer, seed=6)
-    assert engine.native.scripted_decode_layers() is None
+    assert engine.native.scripted_decode_layers(engine.native.decode_weights()) is None
     assert torch.equal(fallback.completion_ids, expected.completion_ids)
     assert torch.equal(fallback.sampling_logprobs, expected.sampling_logprobs)
 
@@ -164,11 +164,15 @@ def test_the_scripted_layers_are_not_used_under_autocast_or_with_module_calls(mo
     native = NativeDecoder(model)
     if native.qk_norm:
         pytest.skip("q/k norms: never scripted")
-    assert native.scripted_decode_layers() is not None
+    assert native.scripted_decode_layers(native.decode_weights()) is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert native.scripted_decode_layers(native.decode_weights("cpu"), "cpu") is None
     weights = native.decode_weights("cpu")
     weights.layers[0] = (None, *weights.layers[0][1:])  # a LoRA-wrapped q/k/v: called as modules
+    assert native.scripted_decode_layers(weights) is None
+    weights = native.decode_weights("cpu")
+    qkv, (o_weight, _), gate_up, down = weights.layers[0]
+    weights.layers[0] = (qkv, (o_weight, torch.zeros(o_weight.shape[0])), gate_up, down)  # a bias in one layer only
     assert native.scripted_decode_layers(weights) is None
 
 

@@ -407,9 +407,10 @@ class NativeDecoder:
                   for layer in self.layers]
         return DecodeWeights(layers, _fused([self.lm_head], dtype))
 
-    def scripted_decode_layers(self, weights: DecodeWeights | None = None, device_type: str = "cpu"):
-        """zerorl.lm.decode_step's TorchScript layers when a decode step here is exactly its float32 ops (no q/k
-        norms, every layer's weights fused, float32 throughout, autocast off, one RMSNorm ε), else None."""
+    def scripted_decode_layers(self, weights: DecodeWeights, device_type: str = "cpu"):
+        """zerorl.lm.decode_step's TorchScript layers when a decode step over ``weights`` is exactly its float32
+        ops (no q/k norms, every layer's weights fused, float32 throughout, autocast off, one RMSNorm ε, each
+        bias in every layer or in none), else None."""
         if self.qk_norm or torch.is_autocast_enabled(device_type):
             return None
         norms = [norm for layer in self.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
@@ -417,16 +418,13 @@ class NativeDecoder:
         if len(epsilons) != 1 or None in epsilons or self.embed.weight.dtype != torch.float32 \
                 or any(norm.weight.dtype != torch.float32 for norm in norms):
             return None
-        if weights is not None:
-            tensors = [t for layer in weights.layers for fused in layer if fused is not None for t in fused]
-            if any(fused is None for layer in weights.layers for fused in layer) \
-                    or any(t is not None and t.dtype != torch.float32 for t in tensors) \
-                    or any(layer[2][1] is not None for layer in weights.layers):  # gate|up with a bias
-                return None
-        elif not all(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 for layer in self.layers
-                     for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)):
+        if any(fused is None for layer in weights.layers for fused in layer):
+            return None  # a module call (e.g. LoRA-wrapped)
+        if any(t is not None and t.dtype != torch.float32 for layer in weights.layers for fused in layer for t in fused):
             return None
+        has_bias = [{layer[i][1] is not None for layer in weights.layers} for i in range(4)]  # q|k|v, o, gate|up, down
+        if any(len(present) != 1 for present in has_bias) or True in has_bias[2]:
+            return None  # decode_layers takes each bias for all layers or none, and no gate|up bias
         from zerorl.lm.decode_step import scripted_decode_layers
 
         return scripted_decode_layers()
@@ -496,13 +494,14 @@ class DecodeState:
         # The layers as one TorchScript call where the eager loop below is plain float32 ops (zerorl.lm.decode_step).
         self.scripted = decoder.scripted_decode_layers(weights, prompt_cache[0][0].device.type)
         if self.scripted is not None:
-            columns = list(zip(*[(qkv[0], o[0], gate_up[0], down[0]) for qkv, o, gate_up, down in self.weights]))
+            qkv, o, gate_up, down = zip(*self.weights)  # per layer (weight, bias) → per kind, over the layers
             self.script_weights = (
-                list(columns[0]), [qkv[1] for qkv, _, _, _ in self.weights if qkv[1] is not None],
-                list(columns[1]), [o[1] for _, o, _, _ in self.weights if o[1] is not None],
-                list(columns[2]), list(columns[3]), [down[1] for *_, down in self.weights if down[1] is not None],
+                [w for w, _ in qkv], [b for _, b in qkv if b is not None], [w for w, _ in o],
+                [b for _, b in o if b is not None], [w for w, _ in gate_up], [w for w, _ in down],
+                [b for _, b in down if b is not None],
                 [layer.input_layernorm.weight for layer in decoder.layers],
                 [layer.post_attention_layernorm.weight for layer in decoder.layers])
+            self.norm_eps = decoder.layers[0].input_layernorm.variance_epsilon
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (the others finished)."""
@@ -526,8 +525,7 @@ class DecodeState:
             # the cache grows a column per step) and fuses nothing on a CPU anyway (thread-local setting).
             with torch.jit.optimized_execution(False):
                 x = self.scripted(x, *self.script_weights, self.keys, self.values, cos, sin, mask, column,
-                                  d.num_heads, d.num_kv_heads, d.head_dim, d.scale,
-                                  d.layers[0].input_layernorm.variance_epsilon)
+                                  d.num_heads, d.num_kv_heads, d.head_dim, d.scale, self.norm_eps)
         else:
             x = self._eager_layers(x, cos, sin, mask)
         self.column += 1
