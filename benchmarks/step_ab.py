@@ -56,14 +56,14 @@ def checkout(revision: str) -> tuple[Path, str]:
 
 
 def describe(runs: list[dict]) -> dict[str, float]:
-    """Means over the timed steps of all runs of one side; RSS as the worst run."""
-    steps = [s for run in runs for s in run["step_seconds"]]
+    """vs_trl.aggregate's pooled s/step, tokens/s and worst RSS, plus the two phases per timed step."""
+    pooled = vs_trl.aggregate(runs)
     return {
-        "s/step": sum(steps) / len(steps),
-        "rollout s": sum(t for run in runs for t in run["time/generate"]) / len(steps),
-        "training s": sum(t for run in runs for t in run["time/train"]) / len(steps),
-        "tokens/s": sum(t for run in runs for t in run["completion_tokens"]) / sum(steps),
-        "peak RSS MB": max(run["peak_rss_mb"] for run in runs),
+        "s/step": pooled["seconds_per_step"],
+        "rollout s": sum(t for run in runs for t in run["time/generate"]) / pooled["steps"],
+        "training s": sum(t for run in runs for t in run["time/train"]) / pooled["steps"],
+        "tokens/s": pooled["tokens_per_second"],
+        "peak RSS MB": pooled["rss_max"],
     }
 
 
