@@ -20,7 +20,7 @@ from zerorl.lm.grpo import grpo_loss
 from zerorl.lm.models import load_model_and_tokenizer
 from zerorl.lm.native import NativeDecoder
 from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients, balanced_shards
-from zerorl.lm.rollout import HFRolloutEngine, SamplingParams, _shard_generator
+from zerorl.lm.rollout import HFRolloutEngine, SamplingParams
 
 
 @pytest.fixture
@@ -186,29 +186,32 @@ def test_replicas_share_the_weights_but_not_the_gradients(model_and_tokenizer):
         original.sub_(1.0)
 
 
-def test_sharded_decoding_is_each_shard_decoded_alone_with_its_own_stream(model_and_tokenizer, monkeypatch,
-                                                                           one_thread):
-    """Shards are worth it only for big decode steps; force them on the tiny model."""
+def test_sharded_decoding_samples_what_one_batch_samples(model_and_tokenizer, monkeypatch, one_thread):
+    """Each prompt draws from its own stream, so shards over two workers, one whole batch, and batches that
+    split a prompt's samples all sample the same completions (log-probs to float rounding: each batch pads
+    its prompts to its own width)."""
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(rollout_module, "SMALL_WORK_FLOPS_PER_LAYER", 0)
     prompts, params = ["12+3=", "7*8=", "100-1=", "5="], SamplingParams(n=3, max_new_tokens=12, temperature=1.0)
     workers = CPUWorkers(2)
+    sharded = []
+    original_run = CPUWorkers.run
+    monkeypatch.setattr(CPUWorkers, "run", lambda self, tasks: sharded.append(len(tasks)) or original_run(self, tasks))
     engine = HFRolloutEngine(model, tokenizer, workers=workers)
     out = engine.generate(prompts, params, seed=11)
     again = engine.generate(prompts, params, seed=11)
     workers.shutdown()
+    assert sharded == [2, 2]  # two shards of two prompts each, both times
     assert torch.equal(out.completion_ids, again.completion_ids)
 
-    # The same rows, shard by shard, serially: 2 prompts (6 rows) per shard, shard k on stream (seed, k).
-    serial = HFRolloutEngine(model, tokenizer)
-    prompt_ids, prompt_mask = serial._tokenize_left_padded(prompts, torch.device("cpu"))
-    rows = torch.arange(4).repeat_interleave(3)
-    for shard, first in enumerate((0, 6)):
-        tokens, logprobs, lengths, _ = serial._decode_batch(prompt_ids, prompt_mask, rows[first:first + 6], params,
-                                                            _shard_generator(11, shard, "cpu"))
-        width = tokens.shape[1]
-        assert torch.equal(out.completion_ids[first:first + 6, :width], tokens)
-        assert torch.equal(out.sampling_logprobs[first:first + 6, :width], logprobs)
+    for serial in (HFRolloutEngine(model, tokenizer), HFRolloutEngine(model, tokenizer, max_batch_size=5)):
+        alone = serial.generate(prompts, params, seed=11)
+        assert torch.equal(alone.completion_ids, out.completion_ids)
+        assert torch.equal(alone.completion_mask, out.completion_mask)
+        assert torch.allclose(alone.sampling_logprobs, out.sampling_logprobs, atol=1e-6)
+    assert len(set(out.completion_texts)) > 3  # really sampled, not one greedy string
+    other_seed = HFRolloutEngine(model, tokenizer).generate(prompts, params, seed=12)
+    assert not torch.equal(other_seed.completion_ids, out.completion_ids)
 
     # And the sampled log-probs are the model's: a training-style re-scoring agrees.
     rescored, _ = completion_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids,

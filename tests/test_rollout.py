@@ -12,7 +12,10 @@ from zerorl.lm.rollout import (
     RolloutEngine,
     SamplingParams,
     cut_at_stop,
+    inverse_cdf_sample,
+    prompt_stream,
     sample_next_token,
+    sampling_uniforms,
 )
 
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=256)
@@ -161,13 +164,40 @@ def test_top_p_and_top_k_truncate_but_logprobs_are_untruncated():
     logits = probs.log().expand(4000, 4).contiguous()
     generator = torch.Generator().manual_seed(0)
     for params in [SamplingParams(top_p=0.7), SamplingParams(top_k=2)]:
-        tokens, logprobs = sample_next_token(logits, params, generator)
+        tokens, logprobs = sample_next_token(logits, params, torch.rand(4000, generator=generator))
         counts = torch.bincount(tokens, minlength=4)
         assert counts[2] == counts[3] == 0  # {0, 1} is the nucleus / the top 2
         assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03  # renormalised within the kept set
         assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-6)  # but reported unrenormalised
-    tokens, logprobs = sample_next_token(logits[:1] * 2, SamplingParams(temperature=2.0), generator)
+    tokens, logprobs = sample_next_token(logits[:1] * 2, SamplingParams(temperature=2.0), torch.rand(1))
     assert math.isclose(float(logprobs[0]), math.log(float(probs[tokens[0]])), abs_tol=1e-5)
+
+
+def test_inverse_cdf_sample_draws_each_token_with_its_probability():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]])
+    # Hand-computed: F = [0.1, 0.1, 0.7, 1.0, 1.0]; token = first k with F_k > u.
+    for u, expected in [(0.0, 0), (0.0999, 0), (0.1001, 2), (0.6999, 2), (0.7001, 3), (0.99999, 3)]:
+        assert int(inverse_cdf_sample(probs, torch.tensor([u]))[0]) == expected, u
+    # u · F_V rounded up onto F_V: the last token with positive probability, never a zero-probability one.
+    assert int(inverse_cdf_sample(probs, torch.tensor([1.0]))[0]) == 3
+    # Unnormalised rows are normalised by F_V; 200k draws match the probabilities (4σ ≈ 0.0044).
+    many = torch.tensor([[2.0, 0.0, 12.0, 6.0, 0.0]]).expand(200_000, 5)
+    tokens = inverse_cdf_sample(many, torch.rand(200_000, generator=torch.Generator().manual_seed(0)))
+    frequencies = torch.bincount(tokens, minlength=5) / 200_000
+    assert frequencies[1] == frequencies[4] == 0
+    assert torch.allclose(frequencies, probs[0], atol=0.0045)
+
+
+def test_sampling_uniforms_depend_on_seed_prompt_and_sample_only():
+    rows = torch.arange(12)  # 4 prompts × n = 3
+    whole = sampling_uniforms(5, rows, 3, 7)
+    assert whole.shape == (12, 7) and 0 <= float(whole.min()) and float(whole.max()) < 1
+    # Any subset of rows, however split, reads the same numbers.
+    for part in (torch.tensor([4, 5, 6, 7]), torch.tensor([2]), torch.tensor([9, 10, 11])):
+        assert torch.equal(sampling_uniforms(5, part, 3, 7), whole[part])
+    assert not torch.equal(sampling_uniforms(6, rows, 3, 7), whole)
+    assert len({tuple(row.tolist()) for row in whole}) == 12  # independent streams per prompt and sample
+    assert torch.equal(whole[3:6], torch.rand(3, 7, generator=prompt_stream(5, 1)))  # prompt 1's block
 
 
 def test_sampling_params_validation_and_cut_at_stop():

@@ -15,9 +15,10 @@ Same math: a reference or π_old pass gives each micro-batch exactly the numbers
 gives it, and the training gradient is the serial sum bit for bit: each worker's gradient of a micro-batch
 is handed over parameter by parameter as autograd completes it, and added into the model's ``.grad`` in
 micro-batch order (``OrderedGradientSum``), whichever worker finishes first. A rollout split into shards
-samples each shard from its own random stream, so another number of workers samples other completions
-(same distribution). Runs therefore repeat exactly, and resume exactly, for a given number of workers; the
-trainers record it in their checkpoints and warn when a resumed run has another.
+draws what one batch draws: each prompt samples from its own random stream (``rollout.sampling_uniforms``).
+Runs repeat exactly, and resume exactly, for a given number of workers. Another number rounds differently
+(a shard pads its prompts to its own width; one worker splits each op over the threads), so the trainers
+record the count in their checkpoints and warn when a resumed run has another.
 
 Memory: no worker keeps a gradient accumulator of its own. What a worker adds is its micro-batch's
 activations, and the gradients that wait for their turn in the sum (at most ``PENDING_GRADIENT_BUDGET`` in

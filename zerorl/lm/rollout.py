@@ -132,12 +132,14 @@ class RolloutEngine(Protocol):
 
 
 def sample_next_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row from step logits [b, V]; return (token [b], log-prob [b] float32).
 
     Sampling distribution: softmax(logits / T) restricted to the top_k tokens, then to the smallest
     set whose probability reaches top_p (the most likely token is always kept).
+    ``uniform`` [b] in [0, 1): each row's random number for this step (``sampling_uniforms``); drawn from
+    torch's global generator when None. Ignored when greedy.
     Reported log-prob: log softmax(logits / T)[token], before any truncation (see module docstring).
     """
     if params.is_greedy:
@@ -154,30 +156,68 @@ def sample_next_token(
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             sorted_scores = sorted_scores.masked_fill(mass_before >= params.top_p, float("-inf"))
             scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-        token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        if uniform is None:
+            uniform = torch.rand(scores.shape[0], device=scores.device)
+        token = inverse_cdf_sample(scores.softmax(dim=-1), uniform)
     logprob = selective_log_softmax(logits, token, temperature=params.logprob_temperature)
     return token, logprob
 
 
-def _shard_generator(seed: int | None, shard: int, device) -> torch.Generator | None:
-    """The sampling stream of rollout shard ``shard`` under ``seed``: independent streams per shard
-    (numpy's SeedSequence mixes the pair), the same for the same (seed, shard) whatever the worker count."""
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One draw per row of the categorical ``probs`` [b, V] from one uniform u ∈ [0, 1) per row [b]:
+
+        token = min{k : F_k > u · F_V},   F_k = p_1 + … + p_k,
+
+    so P(token = k) = p_k / F_V (inverse transform sampling). A row's draw is a function of its own u
+    alone, which is what lets each prompt sample from its own stream whatever the rest of the batch is.
+    """
+    cdf = probs.cumsum(dim=-1)
+    token = torch.searchsorted(cdf, uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:], right=True).squeeze(-1)
+    # Float rounding can put u · F_V on F_V itself: that is the last token with positive probability.
+    last_positive = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
+    return torch.minimum(token, last_positive)
+
+
+def prompt_stream(seed: int, prompt: int) -> torch.Generator:
+    """Prompt ``prompt``'s sampling stream under ``seed``: independent streams per prompt (numpy's
+    SeedSequence mixes the pair)."""
+    entropy = int(np.random.SeedSequence([seed, prompt]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(entropy)
+
+
+def sampling_uniforms(seed: int | None, rows: torch.Tensor, n: int, max_new_tokens: int) -> torch.Tensor:
+    """The random numbers of global rows ``rows`` (row r = sample r mod n of prompt r div n), one per decode
+    step: [len(rows), max_new_tokens], on the CPU.
+
+    Prompt p's stream (``prompt_stream(seed, p)``) draws a [n, max_new_tokens] block once; sample j reads
+    row j of it. So a completion's draws depend on (seed, prompt, sample) only — not on how the rows are
+    batched or sharded over workers, nor on which other rows finished. ``seed=None``: torch's global
+    generator.
+    """
+    rows = rows.cpu()
     if seed is None:
-        return None
-    entropy = int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(entropy)
+        return torch.rand(len(rows), max_new_tokens)
+    prompts, counts = torch.unique_consecutive(rows // n, return_counts=True)
+    blocks, start = [], 0
+    for prompt, count in zip(prompts.tolist(), counts.tolist()):
+        block = torch.rand(n, max_new_tokens, generator=prompt_stream(seed, prompt))
+        blocks.append(block[rows[start:start + count] % n])
+        start += count
+    return torch.cat(blocks)
 
 
 class HFRolloutEngine:
     """Batched sampling from a live Hugging Face policy with a shared-prefix KV cache.
 
     `max_batch_size` caps the rows decoded together (None = all prompts * n at once); a prompt's
-    samples may be split across batches. Reproducible per `seed` for a fixed batch split.
+    samples may be split across batches. Each prompt samples from its own stream under `seed`, so the
+    completions are the same whatever the batch split or worker count (up to float rounding: rows batched
+    differently pad their prompts differently).
     `native=True` decodes supported architectures with ``zerorl.lm.native`` (same distribution);
     `autocast_dtype` (e.g. torch.bfloat16) runs the forward passes under CPU/CUDA autocast.
-    `workers` (``zerorl.lm.parallel.CPUWorkers``): when a decode step is big enough to pay, the prompts are
-    split into one shard per worker and the shards decoded at once, each on one thread with its own
-    sampling stream (reproducible per seed and worker count).
+    `workers` (``zerorl.lm.parallel.CPUWorkers``): when a decode step is big enough to pay, or its layers run
+    as one TorchScript call, the prompts are split into one shard per worker and the shards decoded at
+    once, each on one thread.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int | None = None,
@@ -224,30 +264,30 @@ class HFRolloutEngine:
         num_rows = len(prompts) * params.n
         row_prompt = torch.arange(len(prompts), device=device).repeat_interleave(params.n)
         batch_size = self.max_batch_size or num_rows
-        # One decode step's work per layer decides whether a second thread pays (native models), and whether
-        # the rows are worth splitting into shards decoded at once by single-threaded workers.
+        # Shards decoded at once by single-threaded workers pay when a decode step is big (the matrix
+        # products release the GIL), or when its layers run as one TorchScript call (which holds no GIL at
+        # all). Each prompt samples from its own stream, so the shards draw what one batch would.
         work = layer_flops(self.model, min(batch_size, num_rows)) if self.native is not None else float("inf")
         parallel = self.native is not None and self.workers is not None and self.workers.parallel \
-            and work >= SMALL_WORK_FLOPS_PER_LAYER and len(prompts) > 1 and thread_safe_forward(self.model)
-        if parallel:  # whole prompts per shard (their prefill is shared), one shard per worker
-            batch_size = min(batch_size, -(-len(prompts) // self.workers.num_workers) * params.n)
-        chunks = [row_prompt[first : first + batch_size] for first in range(0, num_rows, batch_size)]
+            and len(prompts) > 1 and thread_safe_forward(self.model)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode(), self._autocast(device):
+                weights = self.native.decode_weights(device.type) if parallel else None  # shared by the shards
+                parallel = parallel and (work >= SMALL_WORK_FLOPS_PER_LAYER
+                                         or self.native.scripted_decode_layers(weights, device.type) is not None)
+                if parallel:  # whole prompts per shard (their prefill is shared), one shard per worker
+                    batch_size = min(batch_size, -(-len(prompts) // self.workers.num_workers) * params.n)
+                rows = torch.arange(num_rows)
+                chunks = [rows[first : first + batch_size] for first in range(0, num_rows, batch_size)]
                 if parallel:
-                    # Each shard samples from its own stream, so no draw depends on which worker runs first.
-                    weights = self.native.decode_weights(device.type)  # shared by the shards
-                    tasks = [functools.partial(self._decode_batch, prompt_ids, prompt_mask, rows, params,
-                                               _shard_generator(seed, index, device), weights)
-                             for index, rows in enumerate(chunks)]
+                    tasks = [functools.partial(self._decode_batch, prompt_ids, prompt_mask, chunk, params, seed,
+                                               weights) for chunk in chunks]
                     outs = self.workers.run(tasks)
                 else:
-                    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
                     with threads_for(work):
-                        outs = [self._decode_batch(prompt_ids, prompt_mask, rows, params, generator)
-                                for rows in chunks]
+                        outs = [self._decode_batch(prompt_ids, prompt_mask, chunk, params, seed) for chunk in chunks]
         finally:
             self.model.train(was_training)
         tokens = [out[0] for out in outs]
@@ -295,16 +335,20 @@ class HFRolloutEngine:
             prompt_mask[row, width - len(ids) :] = 1
         return prompt_ids.to(device), prompt_mask.to(device)
 
-    def _decode_batch(self, all_prompt_ids, all_prompt_mask, row_prompt, params, generator, weights=None):
-        """Decode the rows in `row_prompt` (each entry = index of its prompt), prompt-major.
+    def _decode_batch(self, all_prompt_ids, all_prompt_mask, rows, params, seed, weights=None):
+        """Decode the global rows ``rows`` (row r = sample r mod n of prompt r div n), prompt-major, each row
+        drawing from its prompt's stream under ``seed`` (``sampling_uniforms``).
 
         Returns (tokens [b, Lc], logprobs [b, Lc], lengths [b], finish reasons).
         """
         device = all_prompt_ids.device
+        row_prompt = rows.to(device) // params.n
         unique_prompts, expand = torch.unique_consecutive(row_prompt, return_inverse=True)
         prompt_ids, prompt_mask = all_prompt_ids[unique_prompts], all_prompt_mask[unique_prompts]
         first_real = int((prompt_mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row
         prompt_ids, prompt_mask = prompt_ids[:, first_real:], prompt_mask[:, first_real:]
+        uniforms = None if params.is_greedy \
+            else sampling_uniforms(seed, rows, params.n, params.max_new_tokens).to(device)
 
         # Prefill each distinct prompt once; its keys and values are shared by its samples.
         if self.native is not None:
@@ -313,7 +357,7 @@ class HFRolloutEngine:
         else:
             logits, state = _TransformersDecodeState.start(self, prompt_ids, prompt_mask, expand)
 
-        num_rows, max_new = len(row_prompt), params.max_new_tokens
+        num_rows, max_new = len(rows), params.max_new_tokens
         tokens = torch.full((num_rows, max_new), self.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((num_rows, max_new), dtype=torch.float32, device=device)
         lengths = torch.full((num_rows,), max_new, dtype=torch.long, device=device)
@@ -324,7 +368,7 @@ class HFRolloutEngine:
         window = max((len(s.encode("utf-8")) for s in params.stop_strings), default=0) + 1
 
         for step in range(max_new):
-            token, logprob = sample_next_token(logits, params, generator)
+            token, logprob = sample_next_token(logits, params, None if uniforms is None else uniforms[active, step])
             tokens[active, step] = token
             logprobs[active, step] = logprob
             finished = torch.isin(token, eos_ids)
@@ -439,5 +483,8 @@ __all__ = [
     "RolloutOutput",
     "SamplingParams",
     "cut_at_stop",
+    "inverse_cdf_sample",
+    "prompt_stream",
     "sample_next_token",
+    "sampling_uniforms",
 ]

@@ -369,9 +369,10 @@ def restore_training_state(run: LMRun, modules: dict[str, torch.nn.Module], opti
     set_rng_state(tensors["rng"])
     workers_now = _worker_count(run)
     if state.get("cpu_workers", workers_now) != workers_now:
-        # Rollout shards sample from one random stream each, so the completions depend on the worker count
-        # (gradients do not: they are summed in micro-batch order). The run goes on correctly, but not bit for
-        # bit as it would have on the machine that wrote the checkpoint.
+        # The completions draw the same random numbers whatever the worker count (one stream per prompt) and
+        # the gradient is summed in micro-batch order, but the passes round differently (a rollout shard pads
+        # its prompts to its own width; one worker splits each op over the threads). The run goes on
+        # correctly, but not bit for bit as it would have on the machine that wrote the checkpoint.
         print(f"warning: this run was checkpointed with {state['cpu_workers']} CPU workers and resumes with "
               f"{workers_now}: it continues correctly but not bit-identically. For an exact resume set "
               f"cpu_workers={state['cpu_workers']} (and num_threads ≥ it) in {run.run_dir / 'config.yaml'}.",
