@@ -143,6 +143,31 @@ def test_math_accuracy_cases(answer, reference, expected):
     assert math_accuracy(["p"], [wrap(answer)], answer=[reference]) == [expected]
 
 
+def test_a_swallowed_verify_timeout_is_followed_by_another(monkeypatch):
+    """The first alarm lands where the exception is dropped (as in a gc callback); the timer fires again."""
+    import math_verify
+
+    swallowed = []
+
+    def busy(seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pass
+
+    def stubborn_verify(*args, **kwargs):
+        try:
+            busy(5.0)
+        except BaseException as error:  # noqa: BLE001  (what an unraisable-exception context does)
+            swallowed.append(type(error).__name__)
+        busy(5.0)
+        return True
+
+    monkeypatch.setattr(math_verify, "verify", stubborn_verify)
+    start = time.monotonic()
+    assert math_accuracy(["p"], [wrap("42")], answer=["42"], timeout_s=0.2) == [0.0]
+    assert swallowed == ["_VerifyTimeout"] and time.monotonic() - start < 2.0
+
+
 def test_math_accuracy_refuses_worker_threads():
     import threading
 

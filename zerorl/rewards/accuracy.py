@@ -152,7 +152,9 @@ def math_accuracy(
             continue
         previous_handler = signal.signal(signal.SIGALRM, _raise_verify_timeout)
         try:
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            # Re-armed every 50 ms after the first expiry: an alarm that lands inside a callback which can only
+            # report exceptions and drop them (a gc callback, a __del__) is followed by another.
+            signal.setitimer(signal.ITIMER_REAL, timeout_s, 0.05)
             gold = _parse_gold(str(reference))
             prediction = parse(
                 given if "$" in given or "\\boxed" in given else f"${given}$", parsing_timeout=None
