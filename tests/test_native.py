@@ -4,12 +4,15 @@ the GRPO loss on a fixed batch must match the plain implementation (issue 7: "sa
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from zerorl.config import TrainConfig
+from zerorl.lm import decode_step
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import completion_logits
 from zerorl.lm.grpo import grpo_loss
@@ -171,9 +174,49 @@ def test_the_scripted_layers_are_not_used_under_autocast_or_with_module_calls(mo
     weights.layers[0] = (None, *weights.layers[0][1:])  # a LoRA-wrapped q/k/v: called as modules
     assert native.scripted_decode_layers(weights) is None
     weights = native.decode_weights("cpu")
-    qkv, (o_weight, _), gate_up, down = weights.layers[0]
-    weights.layers[0] = (qkv, (o_weight, torch.zeros(o_weight.shape[0])), gate_up, down)  # a bias in one layer only
+    qkv, (o_weight, _, o_packed), gate_up, down = weights.layers[0]
+    weights.layers[0] = (qkv, (o_weight, torch.zeros(o_weight.shape[0]), o_packed), gate_up, down)  # one layer's bias
     assert native.scripted_decode_layers(weights) is None
+    if o_packed is not None:
+        weights = native.decode_weights("cpu")
+        weights.layers[0] = (qkv, (o_weight, None, None), gate_up, down)  # one weight not packed
+        assert native.scripted_decode_layers(weights) is None
+
+
+@pytest.mark.skipif(not decode_step.MKL_PACKED_LINEAR, reason="this torch build has no MKL packed GEMM")
+def test_a_packed_weight_gives_f_linear_s_numbers_at_any_row_count(monkeypatch):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 40) * 0.1, torch.randn(96)
+    packed = decode_step.pack_weight(weight)
+    assert packed is not None
+    for rows in (1, 2, 7, 32, 33, 130):  # packed with a nominal 32 rows; used with every count a rollout has
+        x = torch.randn(rows, 40)
+        assert torch.allclose(decode_step.linear(x, weight, bias, packed), F.linear(x, weight, bias),
+                              rtol=1e-5, atol=1e-5)
+    assert decode_step.pack_weight(weight.double()) is None and decode_step.pack_weight(weight[0]) is None
+    # Where the packed GEMM would not reproduce F.linear (checked once per shape), weights stay unpacked.
+    monkeypatch.setattr(decode_step, "_PACKING_CHECKED", {})
+    monkeypatch.setattr(decode_step, "F", SimpleNamespace(linear=lambda x, w, b=None: F.linear(x, w, b) + 1.0))
+    assert decode_step.pack_weight(weight) is None
+
+
+@pytest.mark.skipif(not decode_step.MKL_PACKED_LINEAR, reason="this torch build has no MKL packed GEMM")
+def test_decoding_with_packed_weights_samples_what_plain_weights_sample(model_and_tokenizer, monkeypatch):
+    """Packed weights change the GEMM's summation order only: the same tokens, log-probs to float rounding.
+    Not under autocast, and not beyond PACKED_WEIGHTS_BUDGET."""
+    from zerorl.lm import native as native_module
+
+    model, tokenizer = model_and_tokenizer
+    engine, packed = _rollout(model, tokenizer, seed=3)
+    weights = engine.native.decode_weights()
+    assert all(fused[2] is not None for layer in weights.layers for fused in layer) and weights.lm_head[2] is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(fused[2] is None for fused in engine.native.decode_weights("cpu").layers[0])
+    monkeypatch.setattr(native_module, "PACKED_WEIGHTS_BUDGET", 0)
+    assert all(fused[2] is None for fused in engine.native.decode_weights().layers[0])
+    _, plain = _rollout(model, tokenizer, seed=3)
+    assert torch.equal(packed.completion_ids, plain.completion_ids)
+    assert torch.allclose(packed.sampling_logprobs, plain.sampling_logprobs, atol=1e-5, rtol=0)
 
 
 def test_native_decoding_samples_what_the_transformers_decoding_samples(model_and_tokenizer):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerorl.lm.decode_step import linear, pack_weight
 from zerorl.lm.forward import position_ids_from_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -69,6 +70,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
 # decodes 1.9× faster and trains 1.4× faster on one thread; a 31.5M model's decode, ~0.5 GFLOP per
 # layer, is 1.3× faster on two).
 SMALL_WORK_FLOPS_PER_LAYER = 4e8
+
+# A rollout decodes with the float32 weights packed for MKL's GEMM (zerorl.lm.decode_step.pack_weight) when
+# the decoder layers and the LM head take at most this many bytes: the packed copies live beside the weights
+# for the rollout, which a 0.5B model (~2 GB in float32) should not pay in memory.
+PACKED_WEIGHTS_BUDGET = 512 * 2**20
 
 
 def layer_flops(model: nn.Module, tokens: int) -> float:
@@ -401,11 +407,16 @@ class NativeDecoder:
         """Each layer's q|k|v and gate|up weights concatenated, cast to the autocast dtype when autocast is on
         (built per decode batch, or once for all the shards of a sharded rollout, which share them)."""
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        layers = [(_fused([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], dtype),
-                   _fused([layer.self_attn.o_proj], dtype),
-                   _fused([layer.mlp.gate_proj, layer.mlp.up_proj], dtype), _fused([layer.mlp.down_proj], dtype))
+        # Float32 weights packed for MKL's GEMM as well (decode_step.pack_weight), while the copies stay small.
+        pack = dtype is None and device_type == "cpu" \
+            and sum(p.numel() * p.element_size() for p in [*self.layers.parameters(), self.lm_head.weight]) \
+            <= PACKED_WEIGHTS_BUDGET
+        layers = [(_fused([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], dtype, pack),
+                   _fused([layer.self_attn.o_proj], dtype, pack),
+                   _fused([layer.mlp.gate_proj, layer.mlp.up_proj], dtype, pack),
+                   _fused([layer.mlp.down_proj], dtype, pack))
                   for layer in self.layers]
-        return DecodeWeights(layers, _fused([self.lm_head], dtype))
+        return DecodeWeights(layers, _fused([self.lm_head], dtype, pack))
 
     def scripted_decode_layers(self, weights: DecodeWeights, device_type: str = "cpu"):
         """zerorl.lm.decode_step's TorchScript layers when a decode step over ``weights`` is exactly its float32
@@ -425,6 +436,8 @@ class NativeDecoder:
         has_bias = [{layer[i][1] is not None for layer in weights.layers} for i in range(4)]  # q|k|v, o, gate|up, down
         if any(len(present) != 1 for present in has_bias) or True in has_bias[2]:
             return None  # decode_layers takes each bias for all layers or none, and no gate|up bias
+        if len({fused[2] is not None for layer in weights.layers for fused in layer}) != 1:
+            return None  # and every weight packed, or none
         from zerorl.lm.decode_step import scripted_decode_layers
 
         return scripted_decode_layers()
@@ -441,16 +454,17 @@ class NativeDecoder:
 
 @dataclass
 class DecodeWeights:
-    """Per layer (q|k|v, o, gate|up, down) as (weight, bias) — None where a layer must be called as a module
-    (e.g. LoRA-wrapped) — and the LM head's."""
+    """Per layer (q|k|v, o, gate|up, down) as (weight, bias, packed weight or None) — None where a layer must
+    be called as a module (e.g. LoRA-wrapped) — and the LM head's."""
 
     layers: list[tuple]
     lm_head: tuple | None
 
 
-def _fused(modules: list[nn.Module], dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(concatenated weight, concatenated bias) of plain nn.Linear layers that read the same input, cast
-    to ``dtype`` when given (autocast would otherwise cast every weight again at every decode step)."""
+def _fused(modules: list[nn.Module], dtype: torch.dtype | None, pack: bool = False) -> tuple | None:
+    """(concatenated weight, concatenated bias, packed weight) of plain nn.Linear layers that read the same
+    input, cast to ``dtype`` when given (autocast would otherwise cast every weight again at every decode
+    step); the packed weight (``decode_step.pack_weight``) only with ``pack``, else None."""
     if not all(isinstance(m, nn.Linear) for m in modules):
         return None  # e.g. LoRA-wrapped layers: call them as modules
     weight = modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
@@ -459,11 +473,11 @@ def _fused(modules: list[nn.Module], dtype: torch.dtype | None) -> tuple[torch.T
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
     if dtype is not None:
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    return weight, bias
+    return weight, bias, pack_weight(weight) if pack else None
 
 
 def _linear(x: torch.Tensor, fused, module: nn.Module) -> torch.Tensor:
-    return F.linear(x.to(fused[0].dtype), *fused) if fused is not None else module(x)
+    return linear(x.to(fused[0].dtype), *fused) if fused is not None else module(x)
 
 
 class DecodeState:
@@ -496,9 +510,10 @@ class DecodeState:
         if self.scripted is not None:
             qkv, o, gate_up, down = zip(*self.weights)  # per layer (weight, bias) → per kind, over the layers
             self.script_weights = (
-                [w for w, _ in qkv], [b for _, b in qkv if b is not None], [w for w, _ in o],
-                [b for _, b in o if b is not None], [w for w, _ in gate_up], [w for w, _ in down],
-                [b for _, b in down if b is not None],
+                [w for w, _, _ in qkv], [b for _, b, _ in qkv if b is not None], [w for w, _, _ in o],
+                [b for _, b, _ in o if b is not None], [w for w, _, _ in gate_up], [w for w, _, _ in down],
+                [b for _, b, _ in down if b is not None],
+                [packed for layer in self.weights for _, _, packed in layer if packed is not None],
                 [layer.input_layernorm.weight for layer in decoder.layers],
                 [layer.post_attention_layernorm.weight for layer in decoder.layers])
             self.norm_eps = decoder.layers[0].input_layernorm.variance_epsilon
