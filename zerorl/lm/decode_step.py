@@ -5,7 +5,7 @@ dispatcher work, and eager Python holds the GIL for that work, so rollout shards
 each other (measured: 1.0M model, 32 rows a shard, 90 ms alone and 170–210 ms for two at once). TorchScript
 runs the same ATen ops from its own interpreter, which does less work per op and does not hold the GIL: two
 such shards take as long as one (48 against 47 ms). The 31.5M model's rollout (two shards) is ~15% faster;
-the 1.0M model's (one shard: splitting its rows would change its sampling streams) ~10%.
+the 1.0M model's ~10% on one shard, and with the per-prompt sampling streams of session 6 it is sharded too.
 
 ``decode_layers`` is the float32 eager loop of ``zerorl.lm.native.DecodeState.step`` op for op (no fusion:
 TorchScript does not fuse on a CPU unless asked), so it computes the same numbers (tests/test_native.py
