@@ -145,6 +145,22 @@ def test_scripted_decode_layers_with_output_projection_biases(tmp_path, monkeypa
     assert torch.equal(scripted.sampling_logprobs, eager.sampling_logprobs)
 
 
+def test_scripted_decode_layers_under_bf16_autocast_give_the_eager_loop_s_tokens_and_logprobs(model_and_tokenizer,
+                                                                                                monkeypatch):
+    """Autocast casts where an op is dispatched, whether Python or TorchScript calls it: the same numbers."""
+    model, tokenizer = model_and_tokenizer
+    prompts, params = ["12+34=", "7-5=", "100+1=?"], SamplingParams(max_new_tokens=9, n=3, stop_strings=())
+    engine = HFRolloutEngine(model, tokenizer, autocast_dtype=torch.bfloat16)
+    scripted = engine.generate(prompts, params, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        uses_script = engine.native.scripted_decode_layers(engine.native.decode_weights("cpu"), "cpu") is not None
+    assert uses_script == (not hasattr(model.model.layers[0].self_attn, "q_norm"))
+    monkeypatch.setattr(NativeDecoder, "scripted_decode_layers", lambda self, *args, **kwargs: None)
+    eager = HFRolloutEngine(model, tokenizer, autocast_dtype=torch.bfloat16).generate(prompts, params, seed=5)
+    assert torch.equal(scripted.completion_ids, eager.completion_ids)
+    assert torch.equal(scripted.sampling_logprobs, eager.sampling_logprobs)
+
+
 def test_decoding_falls_back_to_the_eager_loop_where_torchscript_fails(model_and_tokenizer, monkeypatch):
     from zerorl.lm import decode_step
 
@@ -162,14 +178,16 @@ def test_decoding_falls_back_to_the_eager_loop_where_torchscript_fails(model_and
     assert torch.equal(fallback.sampling_logprobs, expected.sampling_logprobs)
 
 
-def test_the_scripted_layers_are_not_used_under_autocast_or_with_module_calls(model_and_tokenizer):
+def test_the_scripted_layers_are_not_used_with_module_calls_or_weights_of_another_dtype(model_and_tokenizer):
     model, _ = model_and_tokenizer
     native = NativeDecoder(model)
     if native.qk_norm:
         pytest.skip("q/k norms: never scripted")
     assert native.scripted_decode_layers(native.decode_weights()) is not None
+    float32_weights = native.decode_weights("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert native.scripted_decode_layers(native.decode_weights("cpu"), "cpu") is None
+        assert native.scripted_decode_layers(native.decode_weights("cpu"), "cpu") is not None
+        assert native.scripted_decode_layers(float32_weights, "cpu") is None  # not what autocast decodes with
     weights = native.decode_weights("cpu")
     weights.layers[0] = (None, *weights.layers[0][1:])  # a LoRA-wrapped q/k/v: called as modules
     assert native.scripted_decode_layers(weights) is None
@@ -194,6 +212,12 @@ def test_a_packed_weight_gives_f_linear_s_numbers_at_any_row_count(monkeypatch):
         assert torch.allclose(decode_step.linear(x, weight, bias, packed), F.linear(x, weight, bias),
                               rtol=1e-5, atol=1e-5)
     assert decode_step.pack_weight(weight.double()) is None and decode_step.pack_weight(weight[0]) is None
+    if decode_step.ONEDNN_PACKED_BF16_LINEAR:  # bf16 weights: oneDNN's reorder, the same kernel as F.linear's
+        packed_bf16 = decode_step.pack_weight(weight.bfloat16())
+        for rows in (1, 7, 33, 130):
+            x = torch.randn(rows, 40)
+            assert torch.equal(decode_step.linear(x, weight.bfloat16(), bias.bfloat16(), packed_bf16),
+                               F.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16()))
     # Where the packed GEMM would not reproduce F.linear (checked once per shape), weights stay unpacked.
     monkeypatch.setattr(decode_step, "_PACKING_CHECKED", {})
     monkeypatch.setattr(decode_step, "F", SimpleNamespace(linear=lambda x, w, b=None: F.linear(x, w, b) + 1.0))
@@ -202,21 +226,27 @@ def test_a_packed_weight_gives_f_linear_s_numbers_at_any_row_count(monkeypatch):
 
 @pytest.mark.skipif(not decode_step.MKL_PACKED_LINEAR, reason="this torch build has no MKL packed GEMM")
 def test_decoding_with_packed_weights_samples_what_plain_weights_sample(model_and_tokenizer, monkeypatch):
-    """Packed weights change the GEMM's summation order only: the same tokens, log-probs to float rounding.
-    Not under autocast, and not beyond PACKED_WEIGHTS_BUDGET."""
+    """Packed weights change the GEMM's summation order only: the same tokens, log-probs to float rounding
+    (float32: MKL; bf16 autocast: oneDNN, where this CPU has bf16). Not beyond PACKED_WEIGHTS_BUDGET."""
     from zerorl.lm import native as native_module
 
     model, tokenizer = model_and_tokenizer
+    prompts, params = ["12+34=", "7-5=", "100+1=?"], SamplingParams(max_new_tokens=9, n=3, stop_strings=())
     engine, packed = _rollout(model, tokenizer, seed=3)
+    packed_bf16 = HFRolloutEngine(model, tokenizer, autocast_dtype=torch.bfloat16).generate(prompts, params, seed=3)
     weights = engine.native.decode_weights()
     assert all(fused[2] is not None for layer in weights.layers for fused in layer) and weights.lm_head[2] is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert all(fused[2] is None for fused in engine.native.decode_weights("cpu").layers[0])
+        bf16_weights = engine.native.decode_weights("cpu")
+    assert all((fused[2] is not None) == decode_step.ONEDNN_PACKED_BF16_LINEAR for fused in bf16_weights.layers[0])
     monkeypatch.setattr(native_module, "PACKED_WEIGHTS_BUDGET", 0)
     assert all(fused[2] is None for fused in engine.native.decode_weights().layers[0])
     _, plain = _rollout(model, tokenizer, seed=3)
     assert torch.equal(packed.completion_ids, plain.completion_ids)
     assert torch.allclose(packed.sampling_logprobs, plain.sampling_logprobs, atol=1e-5, rtol=0)
+    plain_bf16 = HFRolloutEngine(model, tokenizer, autocast_dtype=torch.bfloat16).generate(prompts, params, seed=3)
+    assert torch.equal(packed_bf16.completion_ids, plain_bf16.completion_ids)
+    assert torch.allclose(packed_bf16.sampling_logprobs, plain_bf16.sampling_logprobs, atol=1e-2, rtol=0)
 
 
 def test_native_decoding_samples_what_the_transformers_decoding_samples(model_and_tokenizer):

@@ -23,57 +23,89 @@ import torch
 import torch.nn.functional as F
 
 
-def _mkl_packing_available() -> bool:
+def _registered(*ops: str) -> bool:
     try:
-        torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_reorder_linear_weight  # noqa: B018  (registered at all?)
+        for op in ops:
+            namespace, name = op.split("::")
+            getattr(getattr(torch.ops, namespace), name)
     except (AttributeError, RuntimeError):
         return False
-    return torch.backends.mkl.is_available()
+    return True
 
 
-# MKL's GEMM on a weight packed once (cblas_sgemm_pack; what torch.compile's CPU freezing uses) skips the
-# re-packing of the weight that every plain call does. At decode sizes (a few dozen rows) that is most of
-# the cost: measured here, one thread, 32 rows: [512 → 4096] 1,336 → 906 µs, [2048 → 512] 716 → 459 µs,
-# and [128 → 512] (the 1.0M model) 67 → 52 µs. Packing the 31.5M model costs ~12 ms per rollout.
-MKL_PACKED_LINEAR = _mkl_packing_available()
-# cblas_sgemm_pack's nominal row count. The packed weight serves any row count (checked: pack_weight), but its
-# speed does depend on the hint: packed for 32 rows, the GEMM slowed down past 32 rows (33 rows: 1,958 against
-# 1,425 µs at 32); packed for 512 it beats the plain GEMM at every count from 8 to 512 rows (measured here).
+# A GEMM on a weight packed once skips the re-packing of the weight that every plain call does. At decode
+# sizes (a few dozen rows, every weight streaming from memory) that is much of the cost. Measured here on one
+# thread at 32 rows, cycling through 16 weights [512 → 4096]:
+#   float32, MKL (cblas_sgemm_pack, what torch.compile's CPU freezing uses): 1,936 → 1,393 µs per weight;
+#   bfloat16, oneDNN (its weight reorder; the same kernel, the same numbers): 794 → 489 µs.
+# Packing the 31.5M model costs ~12 ms per rollout.
+MKL_PACKED_LINEAR = torch.backends.mkl.is_available() and _registered("mkl::_mkl_linear",
+                                                                       "mkl::_mkl_reorder_linear_weight")
+ONEDNN_PACKED_BF16_LINEAR = torch.backends.mkldnn.is_available() \
+    and _registered("mkldnn::_linear_pointwise", "mkldnn::_reorder_linear_weight", "mkldnn::_is_mkldnn_bf16_supported") \
+    and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+# The nominal row count a weight is packed for. The packed weight serves any row count (checked: pack_weight), but
+# its speed depends on the hint: packed for 32 rows, MKL's GEMM slowed down past 32 rows (33 rows: 1,958 against
+# 1,425 µs at 32); packed for 512 both beat the plain GEMM at every count from 8 to 512 rows (measured here).
 _PACK_HINT = 512
-_PACKING_CHECKED: dict = {}  # (out, in) → whether a packed weight of that shape reproduces F.linear here
+_PACKING_CHECKED: dict = {}  # (dtype, out, in) → whether a packed weight of that kind reproduces F.linear here
 
 
-def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: UP045
-    """MKL's packed copy of a float32 CPU weight [out, in] for ``linear``, or None where MKL packing is not
-    available, or (checked once per shape and process, at 1, 5 and 33 rows) does not give F.linear's numbers."""
-    if not MKL_PACKED_LINEAR or weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
-        return None
-    weight = weight.detach().contiguous()
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACK_HINT)
-    shape = tuple(weight.shape)
-    if shape not in _PACKING_CHECKED:
-        probes = [torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows)) for rows in (1, 5, 33)]
-        _PACKING_CHECKED[shape] = all(
-            torch.allclose(torch.ops.mkl._mkl_linear(x, packed, weight, None, x.shape[0]), F.linear(x, weight),
-                           rtol=1e-4, atol=1e-4 * float(weight.abs().max()) * shape[1] ** 0.5) for x in probes)
-    return packed if _PACKING_CHECKED[shape] else None
-
-
-def _mkl_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
-                packed: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-    if packed is None:
-        return F.linear(x, weight, bias)
+def _mkl_fp32(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
 
 
-def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
-                  packed: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-    return F.linear(x, weight, bias)
+def _onednn_bf16(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    # Not an autocast op: the input is cast here, as autocast casts a linear layer's input.
+    return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), packed, bias, "none", [], "")
 
 
-# x Wᵀ + b, through the packed weight when there is one. Chosen once: TorchScript compiles what this name is
-# bound to, and a torch build without MKL has no mkl::_mkl_linear to compile against.
-linear = _mkl_linear if MKL_PACKED_LINEAR else _plain_linear
+def _not_packed(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    return F.linear(x, weight, bias)  # never reached: pack_weight packs nothing that this build cannot run
+
+
+# Bound once: TorchScript compiles what these names are bound to, and a torch build without MKL (or oneDNN) has
+# no mkl::_mkl_linear (mkldnn::_linear_pointwise) to compile against.
+_packed_fp32 = _mkl_fp32 if MKL_PACKED_LINEAR else _not_packed
+_packed_bf16 = _onednn_bf16 if ONEDNN_PACKED_BF16_LINEAR else _not_packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
+           packed: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    """x Wᵀ + b, through ``packed`` (``pack_weight(weight)``) when there is one."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    if weight.dtype == torch.float32:
+        return _packed_fp32(x, packed, weight, bias)
+    return _packed_bf16(x, packed, weight, bias)
+
+
+def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: UP045
+    """A packed copy of a CPU weight [out, in] for ``linear`` — float32 by MKL, bfloat16 by oneDNN — or None where
+    this build or CPU cannot, or where (checked once per dtype, shape and process, at 1, 5 and 33 rows) the
+    packed GEMM does not give F.linear's numbers."""
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    weight = weight.detach().contiguous()
+    if weight.dtype == torch.float32 and MKL_PACKED_LINEAR:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACK_HINT)
+    elif weight.dtype == torch.bfloat16 and ONEDNN_PACKED_BF16_LINEAR:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
+    else:
+        return None
+    kind = (weight.dtype, *weight.shape)
+    if kind not in _PACKING_CHECKED:
+        probes = [torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
+                  for rows in (1, 5, 33)]
+        tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2  # bfloat16 keeps 8 bits of mantissa
+        scale = float(weight.abs().max()) * weight.shape[1] ** 0.5
+        _PACKING_CHECKED[kind] = all(
+            torch.allclose(linear(x, weight, None, packed).float(), F.linear(x, weight).float(), rtol=tolerance,
+                           atol=tolerance * scale) for x in probes)
+    return packed if _PACKING_CHECKED[kind] else None
 
 
 def decode_layers(x: torch.Tensor, qkv_w: List[torch.Tensor], qkv_b: List[torch.Tensor],  # noqa: UP006
@@ -130,4 +162,5 @@ def scripted_decode_layers():
         return _SCRIPTED[0]
 
 
-__all__ = ["MKL_PACKED_LINEAR", "decode_layers", "linear", "pack_weight", "scripted_decode_layers"]
+__all__ = ["MKL_PACKED_LINEAR", "ONEDNN_PACKED_BF16_LINEAR", "decode_layers", "linear", "pack_weight",
+           "scripted_decode_layers"]

@@ -407,8 +407,8 @@ class NativeDecoder:
         """Each layer's q|k|v and gate|up weights concatenated, cast to the autocast dtype when autocast is on
         (built per decode batch, or once for all the shards of a sharded rollout, which share them)."""
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        # Float32 weights packed for MKL's GEMM as well (decode_step.pack_weight), while the copies stay small.
-        pack = dtype is None and device_type == "cpu" \
+        # The weights packed for the GEMM as well (decode_step.pack_weight), while the copies stay small.
+        pack = dtype in (None, torch.bfloat16) and device_type == "cpu" \
             and sum(p.numel() * p.element_size() for p in [*self.layers.parameters(), self.lm_head.weight]) \
             <= PACKED_WEIGHTS_BUDGET
         layers = [(_fused([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], dtype, pack),
@@ -419,11 +419,17 @@ class NativeDecoder:
         return DecodeWeights(layers, _fused([self.lm_head], dtype, pack))
 
     def scripted_decode_layers(self, weights: DecodeWeights, device_type: str = "cpu"):
-        """zerorl.lm.decode_step's TorchScript layers when a decode step over ``weights`` is exactly its float32
-        ops (no q/k norms, every layer's weights fused, float32 throughout, autocast off, one RMSNorm ε, each
-        bias in every layer or in none), else None."""
-        if self.qk_norm or torch.is_autocast_enabled(device_type):
+        """zerorl.lm.decode_step's TorchScript layers when a decode step over ``weights`` is exactly its ops (no
+        q/k norms, every layer's weights fused, float32 embeddings and norms, one RMSNorm ε, each bias in every
+        layer or in none; the weights float32, or in the autocast dtype under autocast), else None.
+
+        Under autocast the scripted layers run the eager loop's ops with the same casts: autocast acts where an
+        op is dispatched, which is the same whether Python or TorchScript's interpreter calls it (tested: the
+        same tokens and log-probs)."""
+        if self.qk_norm:
             return None
+        weight_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+            else torch.float32
         norms = [norm for layer in self.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         epsilons = {getattr(norm, "variance_epsilon", None) for norm in norms}
         if len(epsilons) != 1 or None in epsilons or self.embed.weight.dtype != torch.float32 \
@@ -431,7 +437,7 @@ class NativeDecoder:
             return None
         if any(fused is None for layer in weights.layers for fused in layer):
             return None  # a module call (e.g. LoRA-wrapped)
-        if any(t is not None and t.dtype != torch.float32 for layer in weights.layers for fused in layer for t in fused):
+        if any(t is not None and t.dtype != weight_dtype for layer in weights.layers for fused in layer for t in fused):
             return None
         has_bias = [{layer[i][1] is not None for layer in weights.layers} for i in range(4)]  # q|k|v, o, gate|up, down
         if any(len(present) != 1 for present in has_bias) or True in has_bias[2]:
@@ -494,9 +500,13 @@ class DecodeState:
         rows = len(row_prompt)
         self.column = prompt_width
         self.keys, self.values = [], []
+        device_type = prompt_cache[0][0].device.type
+        # Under autocast the cache is kept in its dtype: the cache is only read by the two attention matmuls,
+        # which autocast would cast it to at every step (the whole cache, per layer and token).
+        cache_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         for k, v in prompt_cache:
             shape = (rows, k.shape[1], prompt_width + max_new_tokens, k.shape[3])
-            keys, values = k.new_empty(shape), v.new_empty(shape)
+            keys, values = k.new_empty(shape, dtype=cache_dtype), v.new_empty(shape, dtype=cache_dtype)
             keys[:, :, :prompt_width], values[:, :, :prompt_width] = k[row_prompt], v[row_prompt]
             self.keys.append(keys)
             self.values.append(values)
@@ -506,7 +516,7 @@ class DecodeState:
         self.has_padding = not bool(prompt_mask.bool().all())
         self.weights, self.lm_head = weights.layers, weights.lm_head
         # The layers as one TorchScript call where the eager loop below is plain float32 ops (zerorl.lm.decode_step).
-        self.scripted = decoder.scripted_decode_layers(weights, prompt_cache[0][0].device.type)
+        self.scripted = decoder.scripted_decode_layers(weights, device_type)
         if self.scripted is not None:
             qkv, o, gate_up, down = zip(*self.weights)  # per layer (weight, bias) → per kind, over the layers
             self.script_weights = (
