@@ -4,6 +4,7 @@ summed in another order, and the same on every run."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 
@@ -139,18 +140,63 @@ def test_parallel_reference_pass_equals_the_serial_pass_bit_for_bit(model_and_to
     assert serial[batch.completion_mask.bool()].abs().min() > 0  # real numbers, not an untouched buffer
 
 
-def _gradients(model, batch, workers, replicas, config):
+def _gradients(model, batch, workers, replicas, config, bf16=None):
+    """bf16: None (float32), "per micro-batch" (an autocast region around each micro-batch's forward), or
+    "around all" (also one around the whole accumulation, as the trainer does: each worker's casts of the
+    weights are cached and shared by its micro-batches)."""
     model.zero_grad(set_to_none=True)
     micro_batches = list(batch.micro_batches(4))
     natives = [NativeDecoder(m) for m in replicas.models]
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
     def loss_fn(replica, micro):
-        loss, metrics = grpo_loss(replicas.models[replica], micro, config, on_policy=True, native=natives[replica])
+        with autocast():
+            loss, metrics = grpo_loss(replicas.models[replica], micro, config, on_policy=True,
+                                      native=natives[replica])
         return loss * len(micro) / len(batch), float(loss.detach())
 
-    losses = accumulate_gradients(workers, replicas, micro_batches, loss_fn,
-                                  costs=[float(m.completion_mask.sum()) for m in micro_batches])
+    with autocast() if bf16 == "around all" else contextlib.nullcontext():
+        losses = accumulate_gradients(workers, replicas, micro_batches, loss_fn,
+                                      costs=[float(m.completion_mask.sum()) for m in micro_batches])
     return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_bf16_weight_casts_shared_by_micro_batches_give_the_same_gradient(model_and_tokenizer, one_thread,
+                                                                         num_workers):
+    """One autocast region around the accumulation: a worker casts each weight once and its micro-batches'
+    backward passes all go through that cast. The gradient is the same, bit for bit."""
+    model, tokenizer = model_and_tokenizer
+    batch = _batch(model, tokenizer)
+    config = TrainConfig(beta=0.04, max_completion_length=10)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+    casts = []
+
+    class CountWeightCasts(TorchDispatchMode):  # sees the calling thread's ops: the serial path's
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                casts[-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    workers, replicas = CPUWorkers(num_workers), Replicas(model, num_workers)
+    casts.append(0)
+    with CountWeightCasts():
+        each_losses, each = _gradients(model, batch, workers, replicas, config, bf16="per micro-batch")
+    casts.append(0)
+    with CountWeightCasts():
+        shared_losses, shared = _gradients(model, batch, workers, replicas, config, bf16="around all")
+    _, float32 = _gradients(model, batch, workers, replicas, config)
+    workers.shutdown()
+    if num_workers == 1:  # every micro-batch cast the weights again; shared, once
+        assert casts[0] == len(list(batch.micro_batches(4))) * casts[1] > 0
+    assert shared_losses == each_losses
+    for name, grad in each.items():
+        assert torch.equal(shared[name], grad), name
+    assert any(not torch.equal(float32[name], grad) for name, grad in each.items())  # bf16 really ran
 
 
 def test_parallel_gradients_are_the_serial_sum_bit_for_bit(model_and_tokenizer, one_thread):
