@@ -186,6 +186,10 @@ def test_inverse_cdf_sample_draws_each_token_with_its_probability():
     frequencies = torch.bincount(tokens, minlength=5) / 200_000
     assert frequencies[1] == frequencies[4] == 0
     assert torch.allclose(frequencies, probs[0], atol=0.0045)
+    # NaN logits (an overflowed model) are refused with a message, not turned into an arbitrary token.
+    broken = torch.tensor([[0.0, 1.0], [float("nan"), 1.0]])
+    with pytest.raises(ValueError, match=r"rows \[1\] are not finite"):
+        sample_next_token(broken, SamplingParams(temperature=1.0), torch.rand(2))
 
 
 def test_sampling_uniforms_depend_on_seed_prompt_and_sample_only():

@@ -172,6 +172,11 @@ def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tens
     alone, which is what lets each prompt sample from its own stream whatever the rest of the batch is.
     """
     cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all() & (total > 0).all()):
+        rows = (~(torch.isfinite(total) & (total > 0))).nonzero().flatten().tolist()
+        raise ValueError(f"next-token probabilities of rows {rows[:8]} are not finite and positive (NaN/Inf "
+                         "logits: the model's weights or activations overflowed); nothing can be sampled from them")
     token = torch.searchsorted(cdf, uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:], right=True).squeeze(-1)
     # Float rounding can put u · F_V on F_V itself: that is the last token with positive probability.
     last_positive = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
