@@ -71,9 +71,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
 # layer, is 1.3× faster on two).
 SMALL_WORK_FLOPS_PER_LAYER = 4e8
 
-# A rollout decodes with the float32 weights packed for MKL's GEMM (zerorl.lm.decode_step.pack_weight) when
-# the decoder layers and the LM head take at most this many bytes: the packed copies live beside the weights
-# for the rollout, which a 0.5B model (~2 GB in float32) should not pay in memory.
+# A rollout decodes with its weights packed for the GEMM (zerorl.lm.decode_step.pack_weight: float32 by MKL,
+# bf16 by oneDNN) when the decoder layers and the LM head take at most this many bytes in float32: the packed
+# copies live beside the weights for the rollout, which a 0.5B model (~2 GB in float32) should not pay in memory.
 PACKED_WEIGHTS_BUDGET = 512 * 2**20
 
 
@@ -515,10 +515,11 @@ class DecodeState:
         self.positions = prompt_mask.sum(1)[row_prompt]  # position of the first generated token
         self.has_padding = not bool(prompt_mask.bool().all())
         self.weights, self.lm_head = weights.layers, weights.lm_head
-        # The layers as one TorchScript call where the eager loop below is plain float32 ops (zerorl.lm.decode_step).
+        # The layers as one TorchScript call where the eager loop below is plain ops on fused weights, float32 or
+        # under autocast (zerorl.lm.decode_step).
         self.scripted = decoder.scripted_decode_layers(weights, device_type)
         if self.scripted is not None:
-            qkv, o, gate_up, down = zip(*self.weights)  # per layer (weight, bias) → per kind, over the layers
+            qkv, o, gate_up, down = zip(*self.weights)  # per layer (weight, bias, packed) → per kind, over the layers
             self.script_weights = (
                 [w for w, _, _ in qkv], [b for _, b, _ in qkv if b is not None], [w for w, _, _ in o],
                 [b for _, b, _ in o if b is not None], [w for w, _, _ in gate_up], [w for w, _, _ in down],

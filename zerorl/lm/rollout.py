@@ -279,7 +279,8 @@ class HFRolloutEngine:
         self.model.eval()
         try:
             with torch.inference_mode(), self._autocast(device):
-                weights = self.native.decode_weights(device.type) if parallel else None  # shared by the shards
+                # Built once for the whole rollout (shared by the shards) where shards are possible.
+                weights = self.native.decode_weights(device.type) if parallel else None
                 parallel = parallel and (work >= SMALL_WORK_FLOPS_PER_LAYER
                                          or self.native.scripted_decode_layers(weights, device.type) is not None)
                 if parallel:  # whole prompts per shard (their prefill is shared), one shard per worker
@@ -292,7 +293,8 @@ class HFRolloutEngine:
                     outs = self.workers.run(tasks)
                 else:
                     with threads_for(work):
-                        outs = [self._decode_batch(prompt_ids, prompt_mask, chunk, params, seed) for chunk in chunks]
+                        outs = [self._decode_batch(prompt_ids, prompt_mask, chunk, params, seed, weights)
+                                for chunk in chunks]
         finally:
             self.model.train(was_training)
         tokens = [out[0] for out in outs]
