@@ -7,10 +7,14 @@ runs the same ATen ops from its own interpreter, which does less work per op and
 such shards take as long as one (48 against 47 ms). The 31.5M model's rollout (two shards) is ~15% faster;
 the 1.0M model's ~10% on one shard, and with the per-prompt sampling streams of session 6 it is sharded too.
 
-``decode_layers`` is the float32 eager loop of ``zerorl.lm.native.DecodeState.step`` op for op (no fusion:
-TorchScript does not fuse on a CPU unless asked), so it computes the same numbers (tests/test_native.py
-compares the tokens and log-probs of whole rollouts, bit for bit). ``scripted_decode_layers`` compiles it once;
-where TorchScript is missing or fails (it is in maintenance mode upstream), the eager loop is used.
+``decode_layers`` is the eager loop of ``zerorl.lm.native.DecodeState.step`` op for op (no fusion: TorchScript
+does not fuse on a CPU unless asked), so it computes the same numbers, in float32 and under bf16 autocast
+(which acts where each op is dispatched, from Python or from TorchScript alike); tests/test_native.py compares
+the tokens and log-probs of whole rollouts, bit for bit. ``scripted_decode_layers`` compiles it once; where
+TorchScript is missing or fails (it is in maintenance mode upstream), the eager loop is used.
+
+Both loops run their matrix products through ``linear``: on weights packed once per rollout (``pack_weight``)
+where this build and CPU can, else plain F.linear.
 """
 
 from __future__ import annotations
