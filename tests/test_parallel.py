@@ -164,6 +164,39 @@ def _gradients(model, batch, workers, replicas, config, bf16=None):
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
+def test_backward_passes_run_outside_the_caller_s_autocast_region(num_workers, one_thread):
+    """Inside autocast a custom Function's backward would compute its products in bf16."""
+    backward_dtypes = []
+
+    class TimesWeight(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x, weight)
+            return x @ weight
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            grad_weight = x.t() @ grad
+            backward_dtypes.append(grad_weight.dtype)
+            return None, grad_weight
+
+    model = torch.nn.Linear(4, 4, bias=False)
+    inputs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def loss_fn(replica, x):
+        with torch.autocast("cpu", enabled=False):  # a float32 product, as native attention computes under bf16
+            return TimesWeight.apply(x, replicas.models[replica].weight).sum(), None
+
+    workers, replicas = CPUWorkers(num_workers), Replicas(model, num_workers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        accumulate_gradients(workers, replicas, inputs, loss_fn, costs=[1.0] * 4)
+    workers.shutdown()
+    assert backward_dtypes == [torch.float32] * 4
+    assert torch.allclose(model.weight.grad, sum(x.t() @ torch.ones(3, 4) for x in inputs))
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
 def test_bf16_weight_casts_shared_by_micro_batches_give_the_same_gradient(model_and_tokenizer, one_thread,
                                                                          num_workers):
     """One autocast region around the accumulation: a worker casts each weight once and its micro-batches'

@@ -180,8 +180,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
                 # Micro-batches on the CPU workers at once when there are several (zerorl.lm.parallel). Under
                 # bf16 one autocast region spans them, so each worker casts every weight once and its
-                # micro-batches share the cast (autocast caches it until its outermost region ends); the
-                # gradient is the same bits (tests/test_parallel.py); 31.5M model: training phase −2%, peak RSS
+                # micro-batches share the cast (autocast caches it until its outermost region ends; their
+                # backward passes run outside autocast, see parallel._backward); the gradient is the same bits
+                # (tests/test_parallel.py); 31.5M model: training phase −2%, peak RSS
                 # +~60 MB (step_ab, 3 rounds: each worker's bf16 copies live through its micro-batches).
                 micro_batches = list(minibatch.micro_batches(config.micro_batch_size))
                 with threads_for(work), autocast(config, run.device):

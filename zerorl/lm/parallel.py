@@ -231,6 +231,15 @@ class OrderedGradientSum:
             self.condition.notify_all()
 
 
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` with autocast off. A caller may keep one autocast region open over its micro-batches
+    (so that they share autocast's weight casts), but backward passes belong outside autocast: inside it, the
+    matrix products of a custom autograd Function's backward would run in the low precision. A disabled
+    region inside the caller's does not end it, so the cached casts survive for the next micro-batch."""
+    with torch.autocast(loss.device.type, enabled=False):
+        loss.backward()
+
+
 def accumulate_gradients(workers: CPUWorkers | None, replicas: Replicas, micro_batches: Sequence,
                          loss_fn: Callable[[int, object], tuple[torch.Tensor, T]], costs: Sequence[float]) -> list[T]:
     """Accumulate ∇ Σ_m loss_fn(r, m) over the micro-batches into the model's ``.grad``; return the second
@@ -251,7 +260,7 @@ def accumulate_gradients(workers: CPUWorkers | None, replicas: Replicas, micro_b
         extras: dict[int, T] = {}
         for index in order:
             loss, extras[index] = loss_fn(0, micro_batches[index])
-            loss.backward()
+            _backward(loss)
         return [extras[i] for i in range(len(micro_batches))]
 
     model = replicas.models[0]
@@ -267,7 +276,7 @@ def accumulate_gradients(workers: CPUWorkers | None, replicas: Replicas, micro_b
                 index = order[turn]
                 loss, extra = loss_fn(replica, micro_batches[index])
                 gradient_sum.begin(turn)
-                loss.backward()
+                _backward(loss)
                 gradient_sum.skip_missing()
                 extras.append((index, extra))
         except BaseException:
