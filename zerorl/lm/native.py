@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zerorl.lm.decode_step import linear, pack_weight
+from zerorl.lm.decode_step import scripted_decode_layers as _compiled_decode_layers
 from zerorl.lm.forward import position_ids_from_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -444,9 +445,7 @@ class NativeDecoder:
             return None  # decode_layers takes each bias for all layers or none, and no gate|up bias
         if len({fused[2] is not None for layer in weights.layers for fused in layer}) != 1:
             return None  # and every weight packed, or none
-        from zerorl.lm.decode_step import scripted_decode_layers
-
-        return scripted_decode_layers()
+        return _compiled_decode_layers()
 
     @torch.no_grad()
     def start_decoding(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, row_prompt: torch.Tensor,
