@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
               "run, the first not timed; order per round: TRL ckpt on, zerorl, "
               + ("" if args.no_bf16 else "zerorl bf16=true (autocast; reported beside), ")
               + "TRL ckpt off, " + ("" if args.no_lean else "zerorl-lean (cpu_workers=1 micro_batch_size=8), ")
-              + "zerorl, each in a fresh process; zerorl with its defaults (native forward, micro_batch_size 16, "
+              + "zerorl, each in a fresh process; zerorl with its defaults (native forward, micro_batch_size 16 (32 under "
+              "bf16), "
               "cpu_workers 0 = one single-threaded worker per thread).")
     WORK_DIR.mkdir(exist_ok=True)
     (WORK_DIR / "vs_trl_latest.json").write_text(json.dumps({"header": header, "models": raw}, indent=2))

@@ -79,3 +79,12 @@ def test_precision_and_engine_options_that_cannot_go_together(pairs, words):
         build_config(TrainConfig, None, parse_overrides(pairs))
     for word in words:
         assert word in str(err.value)
+
+
+def test_micro_batch_size_default_follows_precision():
+    """None (the default) = 16 completions per pass in float32, 32 under bf16; an explicit value is kept."""
+    assert build_config(TrainConfig, None, {}).micro_batch_size == 16
+    assert build_config(TrainConfig, None, {"bf16": "true"}).micro_batch_size == 32
+    assert build_config(TrainConfig, None, {"bf16": "true", "micro_batch_size": "8"}).micro_batch_size == 8
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        build_config(TrainConfig, None, {"micro_batch_size": "0"})

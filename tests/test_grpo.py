@@ -181,3 +181,32 @@ def test_an_out_of_process_engine_gets_the_weights_after_every_update(base_model
     with_sync, in_process = _metrics(tmp_path / "vllm"), _metrics(tmp_path / "hf")
     assert [r["reward"] for r in with_sync] == [r["reward"] for r in in_process]
     assert [r["completions/mean_length"] for r in with_sync] == [r["completions/mean_length"] for r in in_process]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_gradients_are_freed_before_the_next_rollout(base_model, tmp_path, monkeypatch, algo):
+    """A step's gradients are spent once the optimizer has stepped: the next rollout and reference pass must
+    not carry a parameter-sized buffer of them (126 MB on the 31.5M benchmark model)."""
+    import importlib
+
+    trainer_module = importlib.import_module(f"zerorl.lm.{algo}")
+    from zerorl.lm import runtime
+
+    grads_at_rollout = []
+    original_build = runtime.build_engine
+
+    def build_engine(config, model, *args, **kwargs):
+        engine = original_build(config, model, *args, **kwargs)
+        original_generate = engine.generate
+
+        def generate(*a, **k):
+            grads_at_rollout.append(sum(p.grad is not None for p in model.parameters()))
+            return original_generate(*a, **k)
+
+        engine.generate = generate
+        return engine
+
+    monkeypatch.setattr(runtime, "build_engine", build_engine)
+    trainer_module.train(_config(base_model, tmp_path / algo, max_steps=3, eval_at_start=False,
+                                 eval_at_end=False, learning_rate=1e-3, algo=algo))
+    assert len(grads_at_rollout) == 3 and grads_at_rollout == [0, 0, 0]

@@ -201,6 +201,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 optimizer.step()
                 grad_norms.append(grad_norm.item())
         scheduler.step()
+        # The gradients are spent: freed now, not at the next backward, so that the rollout and the reference
+        # pass do not carry them (a parameter-sized buffer: 126 MB on the 31.5M benchmark model).
+        optimizer.zero_grad(set_to_none=True)
         # Not between micro-batches: memory handed back there is page-faulted in again by the next one
         # (measured: +70 ms per micro-batch on the default model).
         release_free_memory()

@@ -194,6 +194,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 grad_norms.append(grad_norm.item())
                 critic_grad_norms.append(critic_grad_norm.item())
         scheduler.step()
+        optimizer.zero_grad(set_to_none=True)  # spent: not carried through the next rollout (as in grpo.py)
         run.engine.sync_weights(policy)  # vLLM copies the updated weights; the in-process engine reads them live
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped_in_a_row >= config.max_nonfinite_steps:
