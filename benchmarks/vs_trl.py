@@ -126,7 +126,7 @@ def ensure_trl_venv() -> Path:
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               OMP_WAIT_POLICY=os.environ["OMP_WAIT_POLICY"],
+               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
     return env

@@ -157,3 +157,37 @@ def test_step_ab_pools_the_timed_steps_of_each_side_and_divides_new_by_base():
     table = step_ab.format_table("m", base, new, "abc1234", rounds=2).splitlines()
     assert table[2].startswith("| base abc1234 | 2.000 |")
     assert table[4] == "| this tree / base | 0.750 | 1.000 | 1.000 | 1.000 | 0.500 |"
+
+
+def test_gpu_engines_mfu_arithmetic():
+    """Training-phase FLOPs = (2·M reference + 6·M training) per token over prompt (once per group) plus
+    completion tokens; MFU = that rate over the peak."""
+    import gpu_engines
+
+    result = {"tokens": [100, 300], "generate_s": [1.0, 3.0], "train_s": [2.0, 2.0], "step_s": [3.0, 5.0]}
+    # forward FLOPs per token 2·M = 10 → M = 5; tokens = 50 prompt + mean 200 completion = 250;
+    # phase FLOPs = 8 · 5 · 250 = 10,000 over 2 s = 5,000 FLOP/s.
+    s = gpu_engines.summarize(result, flops_per_token=10.0, prompt_tokens=50, peak=10_000.0, nominal=20_000.0)
+    assert s["rollout_tokens_per_s"] == pytest.approx(200 / 2.0)
+    assert s["train_tflops"] == pytest.approx(5_000 / 1e12)
+    assert s["mfu_measured"] == pytest.approx(0.5) and s["mfu_nominal"] == pytest.approx(0.25)
+    assert gpu_engines.summarize(result, 10.0, 50, 10_000.0, None)["mfu_nominal"] is None
+
+
+def test_gpu_engines_smoke_runs_the_real_trainer_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """--smoke: a tiny padded-vocabulary Qwen2 through `zerorl train` with the in-process engine; vLLM is
+    reported as not run where it does not import (as here)."""
+    import json
+
+    import gpu_engines
+
+    monkeypatch.setattr(gpu_engines, "WORK_DIR", tmp_path)
+    out = tmp_path / "gpu.json"
+    assert gpu_engines.main(["--smoke", "--no-append", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    zerorl = data["summaries"]["zerorl engine"]
+    assert zerorl["completion_tokens"] > 0 and zerorl["rollout_tokens_per_s"] > 0 and 0 < zerorl["mfu_measured"] < 1
+    printed = capsys.readouterr().out
+    assert "| zerorl engine |" in printed
+    if gpu_engines.vllm_available() is not None:
+        assert "| vLLM engine | not run: vLLM does not import here" in printed

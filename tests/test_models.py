@@ -157,3 +157,19 @@ def test_save_model_replaces_atomically(small_dirs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp/old leftovers
     reloaded, _ = load_model_and_tokenizer(target)
     assert torch.equal(reloaded.model.norm.weight, torch.full((32,), 3.0))
+
+
+def test_padded_vocabulary_reaches_the_size_and_every_id_decodes(tmp_path):
+    """pad_vocab_to: a benchmark model with a real model's vocabulary size; sampled ids beyond the trained
+    tokens still decode (to filler tokens), and the prompt's tokenization is unchanged by the padding."""
+    plain = build_tiny_model(tmp_path / "plain", tokenizer="bpe", hidden_size=32, num_layers=1, num_heads=2,
+                             num_kv_heads=1)
+    padded = build_tiny_model(tmp_path / "padded", tokenizer="bpe", hidden_size=32, num_layers=1, num_heads=2,
+                              num_kv_heads=1, pad_vocab_to=2048)
+    tok, tok_plain = AutoTokenizer.from_pretrained(padded), AutoTokenizer.from_pretrained(plain)
+    assert len(tok) == 2048 and json.loads((padded / "config.json").read_text())["vocab_size"] == 2048
+    text = "What is 12 + 30? <answer>42</answer>"
+    assert tok(text).input_ids == tok_plain(text).input_ids
+    assert tok.decode([2047]) == "<|filler_1535|>" and tok.decode([len(tok_plain)]) == "<|filler_0|>"
+    with pytest.raises(ValueError, match="pad_vocab_to=10"):
+        build_tiny_model(tmp_path / "small", tokenizer="bpe", pad_vocab_to=10)

@@ -225,13 +225,16 @@ def build_tiny_model(
     bpe_corpus: Sequence[str] | None = None,
     bpe_vocab_size: int = 512,
     tie_word_embeddings: bool | None = None,
+    pad_vocab_to: int | None = None,
 ) -> Path:
     """Write a randomly initialised causal LM + tokenizer as a standard HF model directory.
 
     Defaults give a Qwen2 with hidden 128, 4 layers, 4 query / 2 key-value heads (GQA, like real
     Qwen2), MLP width 5*hidden and tied input/output embeddings: ~1.2M parameters with the char
     tokenizer. `intermediate_size=None` means 5*hidden_size. `tie_word_embeddings=None` means
-    tied for qwen2 and untied for llama, so both code paths get exercised.
+    tied for qwen2 and untied for llama, so both code paths get exercised. `pad_vocab_to` adds filler
+    tokens (`<|filler_i|>`, ordinary added tokens) up to that vocabulary size, so that a benchmark model can
+    have a real model's embedding and LM-head shapes (Qwen2: 151,936) while every id still decodes to text.
     Returns the output directory.
     """
     if arch not in ("qwen2", "llama"):
@@ -245,6 +248,10 @@ def build_tiny_model(
         tok = build_char_tokenizer(charset, model_max_length=max_position_embeddings)
     else:
         tok = build_bpe_tokenizer(bpe_corpus, bpe_vocab_size, model_max_length=max_position_embeddings)
+    if pad_vocab_to is not None:
+        if pad_vocab_to < len(tok):
+            raise ValueError(f"pad_vocab_to={pad_vocab_to} is smaller than the tokenizer's {len(tok)} tokens.")
+        tok.add_tokens([f"<|filler_{i}|>" for i in range(pad_vocab_to - len(tok))])
     pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
     # ChatML models end an assistant turn with <|im_end|>; treat it as a second end-of-sequence.
     eos_ids = [eos_id] + ([tok.convert_tokens_to_ids(IM_END)] if tokenizer == "bpe" else [])
