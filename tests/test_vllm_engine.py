@@ -130,3 +130,23 @@ def test_engine_with_a_stand_in_vllm(monkeypatch, tmp_path):
 
 def test_module_does_not_import_vllm_at_import_time():
     assert "vllm" not in vllm_engine.__dict__
+
+
+@pytest.mark.parametrize("bf16, dtype, expected", [(True, "float32", "bfloat16"), (False, "float32", "float32"),
+                                                   (False, "bfloat16", "bfloat16")])
+def test_trainer_starts_vllm_in_the_precision_it_trains_in(monkeypatch, bf16, dtype, expected):
+    """bf16=true (autocast over float32 weights) samples in bf16 with vLLM as with the in-process engine,
+    not in float32 at several times the cost; otherwise vLLM gets the run's dtype."""
+    from zerorl.config import TrainConfig
+    from zerorl.lm.runtime import build_engine
+
+    seen = {}
+
+    def stand_in(model_path, tokenizer, dtype="auto", **kwargs):
+        seen.update(dtype=dtype, **kwargs)
+        return "engine"
+
+    monkeypatch.setattr(vllm_engine, "VLLMRolloutEngine", stand_in)
+    config = TrainConfig(use_vllm=True, bf16=bf16, dtype=dtype)
+    assert build_engine(config, None, FakeTokenizer(), "some/model") == "engine"
+    assert seen["dtype"] == expected and seen["gpu_memory_utilization"] == config.vllm_gpu_memory_utilization

@@ -231,7 +231,9 @@ def build_engine(config: TrainConfig, model, tokenizer, model_path: str, workers
     if config.use_vllm:
         from zerorl.lm.vllm_engine import VLLMRolloutEngine
 
-        return VLLMRolloutEngine(model_path, tokenizer, dtype=config.dtype,
+        # Under bf16 autocast the rollout samples in bf16 as the in-process engine does (vLLM's load_weights
+        # casts the float32 policy's weights at every sync); float32 otherwise (a float32 run's own numbers).
+        return VLLMRolloutEngine(model_path, tokenizer, dtype="bfloat16" if config.bf16 else config.dtype,
                                  gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed)
     return HFRolloutEngine(model, tokenizer, native=config.native_model,
                            autocast_dtype=torch.bfloat16 if config.bf16 else None, workers=workers)
