@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
+import vs_trl  # noqa: E402
 from floor import ModelShape, arithmetic_work, time_matmul  # noqa: E402
-from vs_trl import _ZERORL_CHILD, RESULTS, WORK_DIR, _child_env, _run  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), FLOP/s.
 NOMINAL_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
@@ -98,23 +97,14 @@ def matmul_rate(settings: Settings) -> float:
 
 
 def run_engine(model_dir: Path, settings: Settings, use_vllm: bool) -> dict:
-    """`zerorl train` with one engine in a fresh process; per timed step: tokens, rollout and training time."""
+    """`zerorl train` with one engine, in a fresh process (vs_trl.run_zerorl, the device and engine as extra
+    overrides): per timed step the completion tokens, the rollout and training phases and the step time."""
     tag = f"gpu-{'vllm' if use_vllm else 'zerorl'}{'-smoke' if settings.device == 'cpu' else ''}"
-    run_dir = WORK_DIR / "runs" / tag
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time, not a resume
-    cmd = [sys.executable, "-c", _ZERORL_CHILD, "train", "--model", str(model_dir), "--task", "arithmetic",
-           "--output-dir", str(run_dir), "--max-steps", str(settings.steps), "--seed", "0",
-           f"prompts_per_step={settings.prompts}", f"num_generations={settings.generations}",
-           f"max_completion_length={settings.completion_length}", "beta=0.04", "learning_rate=1e-6",
-           "template=compact", f"device={settings.device}", "dtype=float32", f"bf16={str(settings.bf16).lower()}",
-           f"use_vllm={str(use_vllm).lower()}", f"num_threads={settings.threads}", "eval_at_start=false",
-           "eval_at_end=false", "plots=false", "save_steps=0", "progress=false"]
-    log = WORK_DIR / "runs" / f"{tag}.log"
-    _run(cmd, _child_env(settings.threads), log)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    timed = rows[1:] or rows
-    return {"tokens": [r["num_tokens"] for r in timed], "generate_s": [r["time/generate"] for r in timed],
-            "train_s": [r["time/train"] for r in timed], "step_s": [r["step_time"] for r in timed]}
+    return vs_trl.run_zerorl(
+        model_dir, steps=settings.steps, threads=settings.threads, prompts=settings.prompts,
+        generations=settings.generations, completion_length=settings.completion_length, beta=0.04,
+        learning_rate=1e-6, tag=tag,
+        extra=(f"device={settings.device}", f"bf16={str(settings.bf16).lower()}", f"use_vllm={str(use_vllm).lower()}"))
 
 
 def vllm_available() -> str | None:
@@ -127,12 +117,12 @@ def vllm_available() -> str | None:
 
 
 def summarize(result: dict, flops_per_token: float, prompt_tokens: int, peak: float, nominal: float | None) -> dict:
-    completion = statistics.mean(result["tokens"])
-    generate, train = statistics.mean(result["generate_s"]), statistics.mean(result["train_s"])
+    completion = statistics.mean(result["completion_tokens"])
+    generate, train = statistics.mean(result["time/generate"]), statistics.mean(result["time/train"])
     phase_flops = 8 * flops_per_token / 2 * (prompt_tokens + completion)  # 2·M reference + 6·M training
     rate = phase_flops / train
     return {"completion_tokens": completion, "rollout_tokens_per_s": completion / generate, "rollout_s": generate,
-            "train_s": train, "step_s": statistics.mean(result["step_s"]), "train_tflops": rate / 1e12,
+            "train_s": train, "step_s": statistics.mean(result["step_seconds"]), "train_tflops": rate / 1e12,
             "mfu_measured": rate / peak, "mfu_nominal": rate / nominal if nominal else None}
 
 
@@ -164,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               "check the script on the CPU.", file=sys.stderr)
         return 2
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else "CPU"
-    model_dir = build_model(WORK_DIR / "models" / ("qwen2-smoke-padded" if args.smoke else "qwen2-0.5b-class"), shapes)
+    model_dir = build_model(vs_trl.WORK_DIR / "models" / ("qwen2-smoke-padded" if args.smoke else "qwen2-0.5b-class"), shapes)
     shape = ModelShape.from_model_dir(model_dir)
     flops_per_token = 2 * sum(i * o * count for i, o, count in shape.linear_shapes())  # forward, 2·M
 
@@ -207,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"device": device_name, "peak": peak, "nominal": nominal, "raw": raw,
                                          "summaries": summaries}, indent=2))
     if not args.no_append:
-        with RESULTS.open("a") as handle:
+        with vs_trl.RESULTS.open("a") as handle:
             handle.write("\n" + header + "\n" + table + "\n")
-        print(f"appended to {RESULTS}")
+        print(f"appended to {vs_trl.RESULTS}")
     return 0
 
 

@@ -164,7 +164,8 @@ def test_gpu_engines_mfu_arithmetic():
     completion tokens; MFU = that rate over the peak."""
     import gpu_engines
 
-    result = {"tokens": [100, 300], "generate_s": [1.0, 3.0], "train_s": [2.0, 2.0], "step_s": [3.0, 5.0]}
+    result = {"completion_tokens": [100, 300], "time/generate": [1.0, 3.0], "time/train": [2.0, 2.0],
+              "step_seconds": [3.0, 5.0]}
     # forward FLOPs per token 2·M = 10 → M = 5; tokens = 50 prompt + mean 200 completion = 250;
     # phase FLOPs = 8 · 5 · 250 = 10,000 over 2 s = 5,000 FLOP/s.
     s = gpu_engines.summarize(result, flops_per_token=10.0, prompt_tokens=50, peak=10_000.0, nominal=20_000.0)
@@ -181,7 +182,7 @@ def test_gpu_engines_smoke_runs_the_real_trainer_on_the_cpu(tmp_path, monkeypatc
 
     import gpu_engines
 
-    monkeypatch.setattr(gpu_engines, "WORK_DIR", tmp_path)
+    monkeypatch.setattr(vs_trl, "WORK_DIR", tmp_path)
     out = tmp_path / "gpu.json"
     assert gpu_engines.main(["--smoke", "--no-append", "--json", str(out)]) == 0
     data = json.loads(out.read_text())

@@ -250,7 +250,8 @@ def build_tiny_model(
         tok = build_bpe_tokenizer(bpe_corpus, bpe_vocab_size, model_max_length=max_position_embeddings)
     if pad_vocab_to is not None:
         if pad_vocab_to < len(tok):
-            raise ValueError(f"pad_vocab_to={pad_vocab_to} is smaller than the tokenizer's {len(tok)} tokens.")
+            raise ValueError(f"pad_vocab_to={pad_vocab_to} is smaller than the tokenizer's {len(tok)} tokens. "
+                             f"Fix: pad_vocab_to ≥ {len(tok)}, or None for the tokenizer's own size.")
         tok.add_tokens([f"<|filler_{i}|>" for i in range(pad_vocab_to - len(tok))])
     pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
     # ChatML models end an assistant turn with <|im_end|>; treat it as a second end-of-sequence.
