@@ -39,13 +39,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-# OpenMP threads that spin while waiting collapse when the cores are shared with other work: on this
-# 2-core machine at load ~4.7, 2-thread GEMMs of the 1.0M model's shapes ran at 0.2 GFLOP/s with the
-# default (spinning) policy and 33 GFLOP/s with PASSIVE. libgomp reads this when torch loads it, so it is
-# set before the import; an explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+# OMP_WAIT_POLICY is this environment's (by default none: libgomp spins briefly, then sleeps), as for
+# vs_trl.py's runs. OpenMP threads that spin while waiting can collapse when the cores are shared with other
+# work: on this 2-core machine at load ~4.7, 2-thread GEMMs of the 1.0M model's shapes once ran at 0.2 GFLOP/s
+# spinning and 33 GFLOP/s with OMP_WAIT_POLICY=PASSIVE. On such a machine set PASSIVE in the environment.
+import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -265,7 +263,7 @@ def format_table(shape: ModelShape, work: StepWork, rows: list[FloorRow], dtypes
 def machine_line(threads: int) -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch "
-            f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {load} (1/5/15 min; "
+            f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {load} (1/5/15 min; "
             "other work shares this machine)")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import vs_trl  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads, as for vs_trl.py)
+import vs_trl  # noqa: E402
 
 COLUMNS = ("s/step", "rollout s", "training s", "tokens/s", "peak RSS MB")
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "worktree", "remove", "--force", str(base_path)], cwd=vs_trl.REPO_ROOT)
     header = (f"`python benchmarks/step_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}`: base "
               f"{base_commit} against this tree ({head}{dirty}); {platform.machine()}, {os.cpu_count()} cores, "
-              f"{settings.threads} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; vs_trl.py's "
+              f"{settings.threads} torch threads, OMP_WAIT_POLICY={vs_trl.wait_policy()}; vs_trl.py's "
               f"settings{', ' + ' '.join(args.extra) if args.extra else ''}; order per round: base, this tree, "
               f"each in a fresh process. Load average (1 min) before {load_before:.2f}, after "
               f"{os.getloadavg()[0]:.2f}.")

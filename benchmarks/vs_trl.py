@@ -16,9 +16,13 @@ What it does:
   4. prints s/step, completion tokens/s and peak RSS per system, and the ratios against TRL at its best
      (speed against its faster setting, memory against its leaner one); appends them to RESULTS.md.
 
-Threads: both sides get the same torch thread count and OMP_WAIT_POLICY (PASSIVE unless set): with
-OpenMP's default spinning, 2-thread runs on a 2-core machine that other work shares slow down up to 100×
-(see floor.py), which would measure the neighbours, not the trainers.
+Threads: both sides get the same torch thread count and the same OMP_WAIT_POLICY: this environment's, by
+default none (libgomp's own policy: a waiting thread spins briefly, then sleeps), as a user's shell has it;
+--omp-wait-policy sets one for both. Measured here (session 8): TRL's 1.0M-model step takes 0.32 s with
+none, 0.33–0.43 s with ACTIVE and 0.59–0.64 s with PASSIVE, so a forced PASSIVE — this script's default
+until session 8 — measured TRL well below its best; zerorl (single-threaded CPU workers) is unaffected by
+PASSIVE and slower with ACTIVE. On a machine that other work shares, spinning threads can collapse
+(floor.py); compare the systems there with --omp-wait-policy PASSIVE and say so.
 
 Timing: the first step of every run is a warm-up and not counted. A step is the whole GRPO step:
 generation, rewards, reference pass, policy forward/backward and the optimizer step (TRL: a
@@ -40,10 +44,6 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-# Before anything loads torch (see floor.py): spinning OpenMP threads collapse on a shared machine. The
-# same value goes to every child process, TRL's and zerorl's alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -124,12 +124,16 @@ def ensure_trl_venv() -> Path:
 
 
 def _child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ)  # OMP_WAIT_POLICY as this process has it (main: --omp-wait-policy), for both sides
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
     return env
+
+
+def wait_policy() -> str:
+    """The OMP_WAIT_POLICY the runs get, for the reports."""
+    return os.environ.get("OMP_WAIT_POLICY", "unset: libgomp's default, spin briefly then sleep")
 
 
 def _run(cmd: list[str], env: dict, log: Path, cwd: Path = REPO_ROOT) -> None:
@@ -282,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip zerorl-lean (cpu_workers=1 micro_batch_size=8, the memory setting)")
     parser.add_argument("--no-floor", action="store_true", help="skip the fp32 FLOP-floor column (floor.py)")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
+                        help="OMP_WAIT_POLICY for every run, TRL's and zerorl's (default: this environment's)")
     args = parser.parse_args(argv)
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     settings = Settings(steps=args.steps, threads=args.threads)
     load_before = os.getloadavg()
     ensure_trl_venv()
@@ -333,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"`python benchmarks/vs_trl.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
               f"{platform.machine()}, {os.cpu_count()} cores, {settings.threads} torch threads per run "
-              f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+              f"(OMP_WAIT_POLICY={wait_policy()}), "
               f"zerorl on torch {torch.__version__}, TRL {versions.get('trl', '?')} on torch "
               f"{versions.get('torch', '?')} / transformers {versions.get('transformers', '?')}. Load average "
               f"(1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}, {min(loads):.2f}–{max(loads):.2f} "

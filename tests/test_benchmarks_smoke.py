@@ -5,7 +5,6 @@ No timing is asserted (benchmarks are scripts); TRL is never installed or run he
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,16 +13,9 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
-_wait_policy = os.environ.get("OMP_WAIT_POLICY")
 
 import floor  # noqa: E402
 import vs_trl  # noqa: E402
-
-# The scripts set OMP_WAIT_POLICY for their own runs; keep it out of the other tests' subprocesses.
-if _wait_policy is None:
-    os.environ.pop("OMP_WAIT_POLICY", None)
-else:
-    os.environ["OMP_WAIT_POLICY"] = _wait_policy
 
 
 def test_step_flops_per_parameter_by_phase():
