@@ -112,6 +112,19 @@ def test_summary_drops_the_warm_up_step():
         vs_trl._summary("x", step_seconds=[1.0, 2.0], tokens=[1, 2, 3], peak_rss_mb=1.0)
 
 
+def test_both_sides_get_the_environments_openmp_wait_policy(monkeypatch):
+    # A forced PASSIVE slowed TRL's 2-thread ops 1.3–1.8× and not zerorl's single-threaded workers (session 8):
+    # the children get exactly the environment's policy, none when it has none.
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env = vs_trl._child_env(2)
+    assert "OMP_WAIT_POLICY" not in env
+    assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) == ("2", "2")
+    assert vs_trl.wait_policy().startswith("unset")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert vs_trl._child_env(2)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert vs_trl.wait_policy() == "PASSIVE"
+
+
 def test_ratios_use_trl_at_its_best():
     def run(seconds, tokens, rss):
         return {"step_seconds": seconds, "completion_tokens": tokens, "peak_rss_mb": rss}
