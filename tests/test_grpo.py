@@ -210,3 +210,33 @@ def test_gradients_are_freed_before_the_next_rollout(base_model, tmp_path, monke
     trainer_module.train(_config(base_model, tmp_path / algo, max_steps=3, eval_at_start=False,
                                  eval_at_end=False, learning_rate=1e-3, algo=algo))
     assert len(grads_at_rollout) == 3 and grads_at_rollout == [0, 0, 0]
+
+
+def test_rewards_and_advantages_live_on_the_completions_device():
+    # On a GPU the loss combines the advantages with CUDA log-probs token by token, and torch mixes devices only
+    # for 0-dim CPU tensors: the scores must be made where the completions are. The meta device stands in for
+    # CUDA (no GPU in CI): an engine whose tensors live there.
+    from zerorl.lm.grpo import compute_advantages
+    from zerorl.lm.pipeline import PromptBatch, rollout_and_score
+    from zerorl.lm.rollout import RolloutOutput, SamplingParams
+    from zerorl.lm.runtime import build_reward_set
+
+    class EngineOnAnotherDevice:
+        def generate(self, prompts, params, seed=None):
+            rows = len(prompts) * params.n
+            ids = torch.zeros(rows, 4, dtype=torch.long, device="meta")
+            return RolloutOutput(prompt_ids=ids, prompt_mask=ids, completion_ids=ids, completion_mask=ids,
+                                 sampling_logprobs=torch.zeros(rows, 4, device="meta"),
+                                 completion_texts=["<think>x</think><answer>5</answer>"] * rows,
+                                 finish_reasons=["stop"] * rows,
+                                 prompt_index=torch.arange(len(prompts)).repeat_interleave(params.n),
+                                 generate_seconds=0.1, num_generated_tokens=4 * rows)
+
+    task = get_task("arithmetic", seed=0)
+    rows = [task.train_row(i) for i in range(2)]
+    config = TrainConfig(num_generations=2)
+    batch, _ = rollout_and_score(EngineOnAnotherDevice(), PromptBatch(rows=rows, texts=[r["prompt"] for r in rows]),
+                                 SamplingParams(n=2), build_reward_set(task, config), seed=0)
+    assert batch.rewards.device.type == "meta" and batch.rewards.shape == (4,)
+    assert batch.reward_components and all(v.device.type == "meta" for v in batch.reward_components.values())
+    assert compute_advantages(batch, config).device.type == "meta"

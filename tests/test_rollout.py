@@ -11,6 +11,7 @@ from zerorl.lm.rollout import (
     HFRolloutEngine,
     RolloutEngine,
     SamplingParams,
+    can_complete,
     cut_at_stop,
     inverse_cdf_sample,
     prompt_stream,
@@ -124,6 +125,27 @@ def test_stop_string_cuts_text_and_mask(engine):
     assert stop not in engine.tokenizer.decode(kept[:-1])
     if len(engine.tokenizer) < 128:  # char tokenizer: one token per character
         assert len(kept) == len(expected_text)
+
+
+def test_only_tokens_that_can_end_a_stop_string_are_checked(tmp_path):
+    # The stop string must end inside the new token: it lies within the token, or the token starts with a
+    # proper suffix of it (the rest already ends the text).
+    assert can_complete("</answer>", "</answer>") and can_complete("x</answer>y", "</answer>")
+    assert can_complete(">", "</answer>") and can_complete("er>\n", "</answer>") and can_complete("/answer>", "</answer>")
+    assert not can_complete("<|filler_7|>", "</answer>")  # holds the last character, ends nothing
+    assert not can_complete("</", "</answer>") and not can_complete("answer", "</answer>")
+    # A vocabulary padded with filler tokens (every one holds '>'): none of them is decoded at each step,
+    # the tokens that can end "</answer>" are, and tokens with an empty lone decode stay candidates.
+    path = build_tiny_model(tmp_path / "m", arch="qwen2", tokenizer="bpe", seed=0, pad_vocab_to=1500, **SMALL)
+    model, tokenizer = load_model_and_tokenizer(path)
+    table = HFRolloutEngine(model, tokenizer)._stop_candidate_table(("</answer>",), len(tokenizer), "cpu")
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    fillers = [i for i, text in enumerate(texts) if text.startswith("<|filler_")]
+    assert len(fillers) > 500 and not table[fillers].any()
+    for i, text in enumerate(texts):
+        expected = (not text) or "\ufffd" in text or can_complete(text, "</answer>")
+        assert bool(table[i]) == expected, (i, text)
+    assert table[[i for i, text in enumerate(texts) if text.endswith(">") and not text.startswith("<|")]].all()
 
 
 def test_max_new_tokens_and_eos_finish_reasons(engine):

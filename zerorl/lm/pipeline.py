@@ -47,13 +47,17 @@ def rollout_and_score(engine: RolloutEngine, prompts: PromptBatch, sampling: Sam
     total, per_function = reward_set(prompt_texts, out.completion_texts, reward_columns(prompts.rows, prompt_index))
     reward_seconds = time.perf_counter() - start
 
+    # The scores go where the completions are (the model's device): the loss combines them with the
+    # log-probs token by token, and torch mixes devices only for 0-dim CPU tensors.
+    device = out.completion_ids.device
     batch = RolloutBatch(
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask,
         completion_ids=out.completion_ids, completion_mask=out.completion_mask,
         sampling_logprobs=out.sampling_logprobs, prompt_index=out.prompt_index,
         completion_texts=list(out.completion_texts), finish_reasons=list(out.finish_reasons),
-        rewards=torch.tensor(total, dtype=torch.float32),
-        reward_components={name: torch.tensor(values, dtype=torch.float32) for name, values in per_function.items()},
+        rewards=torch.tensor(total, dtype=torch.float32, device=device),
+        reward_components={name: torch.tensor(values, dtype=torch.float32, device=device)
+                           for name, values in per_function.items()},
     )
     return batch, {"time/generate": generate_seconds, "time/reward": reward_seconds}
 

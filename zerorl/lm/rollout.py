@@ -409,9 +409,11 @@ class HFRolloutEngine:
     def _stop_candidate_table(self, stop_strings, vocab_size: int, device) -> torch.Tensor | None:
         """Bool [V]: True for tokens that might complete a stop string, so only those get decoded.
 
-        A token can complete a stop string only if its text contains the stop string's last
-        character. Tokens whose lone decode is empty or partial UTF-8 (byte-level pieces) are
-        always candidates, which keeps the filter conservative.
+        A stop string s appears when a token is appended only if the occurrence ends inside the token's
+        text t: s lies within t, or t starts with a proper suffix s[k:] of it (the rest, s[:k], ending the
+        text before). Tokens whose lone decode is empty or partial UTF-8 (byte-level pieces) are always
+        candidates, which keeps the filter conservative. (A looser rule — t holds s's last character —
+        made every one of a padded vocabulary's `<|filler_i|>` tokens a candidate for "</answer>".)
         """
         if not stop_strings:
             return None
@@ -422,7 +424,9 @@ class HFRolloutEngine:
             texts = self.tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=True)
             table = torch.ones(vocab_size, dtype=torch.bool)  # ids beyond the tokenizer: always check
             table[:known] = torch.tensor(
-                [(not text) or ("\ufffd" in text) or any(c in text for c in last_chars) for text in texts]
+                [(not text) or ("\ufffd" in text)
+                 or (any(c in text for c in last_chars)  # the cheap test first
+                     and any(can_complete(text, stop) for stop in stop_strings)) for text in texts]
             )
             self._stop_candidates[key] = table
         return self._stop_candidates[key].to(device)
@@ -471,6 +475,12 @@ class _TransformersDecodeState:
         return logits
 
 
+def can_complete(token_text: str, stop: str) -> bool:
+    """Whether appending a token whose text is ``token_text`` can complete ``stop``: the stop string lies
+    within the token's text, or the text starts with a proper suffix of it."""
+    return stop in token_text or any(token_text.startswith(stop[k:]) for k in range(1, len(stop)))
+
+
 def cut_at_stop(text: str, stop_strings) -> str:
     """Cut `text` right after the earliest-ending stop string (kept); unchanged if none occurs."""
     ends = [text.find(stop) + len(stop) for stop in stop_strings if stop in text]
@@ -489,6 +499,7 @@ __all__ = [
     "RolloutEngine",
     "RolloutOutput",
     "SamplingParams",
+    "can_complete",
     "cut_at_stop",
     "inverse_cdf_sample",
     "prompt_stream",
