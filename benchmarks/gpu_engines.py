@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_engines.py                 # a CUDA GPU: a 0.5B-class Qwen2 (random init), bf16
     python benchmarks/gpu_engines.py --smoke         # any machine: a tiny model on the CPU (checks the script)
+    python benchmarks/gpu_engines.py --smoke --device cuda --no-append   # a GPU, in a minute: the tiny model, bf16,
+                                                     # the same CUDA path as the full run (run it first)
 
 Issue 7's GPU item. The model has Qwen2-0.5B's shapes (hidden 896, 24 layers, 14 query / 2 key-value heads,
 MLP 4,864, a tied 151,936-token vocabulary) with random weights, built here (nothing is downloaded), and a local
@@ -27,7 +29,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -99,7 +101,7 @@ def matmul_rate(settings: Settings) -> float:
 def run_engine(model_dir: Path, settings: Settings, use_vllm: bool) -> dict:
     """`zerorl train` with one engine, in a fresh process (vs_trl.run_zerorl, the device and engine as extra
     overrides): per timed step the completion tokens, the rollout and training phases and the step time."""
-    tag = f"gpu-{'vllm' if use_vllm else 'zerorl'}{'-smoke' if settings.device == 'cpu' else ''}"
+    tag = f"gpu-{'vllm' if use_vllm else 'zerorl'}-{settings.device}"
     return vs_trl.run_zerorl(
         model_dir, steps=settings.steps, threads=settings.threads, prompts=settings.prompts,
         generations=settings.generations, completion_length=settings.completion_length, beta=0.04,
@@ -123,19 +125,23 @@ def summarize(result: dict, flops_per_token: float, prompt_tokens: int, peak: fl
     rate = phase_flops / train
     return {"completion_tokens": completion, "rollout_tokens_per_s": completion / generate, "rollout_s": generate,
             "train_s": train, "step_s": statistics.mean(result["step_seconds"]), "train_tflops": rate / 1e12,
-            "mfu_measured": rate / peak, "mfu_nominal": rate / nominal if nominal else None}
+            "mfu_measured": rate / peak, "mfu_nominal": rate / nominal if nominal else None,
+            "peak_cuda_mb": result.get("peak_cuda_mb")}
 
 
 def format_table(name: str, summaries: dict[str, dict | str]) -> str:
     lines = [f"| {name} | rollout tokens/s | rollout s/step | training phase s/step | training TFLOP/s | "
-             "MFU vs measured matmul | MFU vs nominal peak | s/step |", "|---|---|---|---|---|---|---|---|"]
+             "MFU vs measured matmul | MFU vs nominal peak | s/step | peak GPU memory (zerorl's process) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for engine, s in summaries.items():
         if isinstance(s, str):
-            lines.append(f"| {engine} | not run: {s} | | | | | | |")
+            lines.append(f"| {engine} | not run: {s} | | | | | | | |")
             continue
         nominal = f"{100 * s['mfu_nominal']:.1f}%" if s["mfu_nominal"] is not None else "–"
+        memory = f"{s['peak_cuda_mb']:,.0f} MB" if s.get("peak_cuda_mb") is not None else "–"
         lines.append(f"| {engine} | {s['rollout_tokens_per_s']:,.0f} | {s['rollout_s']:.3f} | {s['train_s']:.3f} | "
-                     f"{s['train_tflops']:.1f} | {100 * s['mfu_measured']:.1f}% | {nominal} | {s['step_s']:.3f} |")
+                     f"{s['train_tflops']:.1f} | {100 * s['mfu_measured']:.1f}% | {nominal} | {s['step_s']:.3f} | "
+                     f"{memory} |")
     return "\n".join(lines)
 
 
@@ -144,8 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script anywhere")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="with --smoke: the tiny model on this device (cuda: under bf16, as the full run)")
     args = parser.parse_args(argv)
     settings, shapes = (SMOKE, SMOKE_SHAPES) if args.smoke else (Settings(), QWEN2_05B_SHAPES)
+    if args.device is not None:
+        if not args.smoke:
+            parser.error("--device goes with --smoke (the full run is on cuda)")
+        settings = replace(settings, device=args.device, bf16=args.device == "cuda")
 
     import torch
 
@@ -200,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         with vs_trl.RESULTS.open("a") as handle:
             handle.write("\n" + header + "\n" + table + "\n")
         print(f"appended to {vs_trl.RESULTS}")
+    failed = [engine for engine, s in summaries.items() if isinstance(s, str) and s.startswith("the run failed")]
+    if failed:
+        print(f"gpu_engines.py: {', '.join(failed)}: the run failed (its log tail is above).", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -177,6 +177,9 @@ _ZERORL_CHILD = (
     "from zerorl.cli import main\n"
     "code = main(sys.argv[1:])\n"
     "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    "torch = sys.modules.get('torch')\n"
+    "if torch is not None and torch.cuda.is_initialized():\n"
+    "    print('PEAK_CUDA_BYTES', torch.cuda.max_memory_allocated())\n"
     "sys.exit(code)\n"
 )
 
@@ -205,6 +208,9 @@ def run_zerorl(model_dir: Path, steps: int = 6, threads: int = 2, prompts: int =
                       int(peak_kb[-1]) / 1024)
     for phase in ("time/generate", "time/train"):  # per timed step, as step_seconds
         result[phase] = [row[phase] for row in rows[1:]]
+    peak_cuda = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("PEAK_CUDA_BYTES")]
+    if peak_cuda:  # torch.cuda.max_memory_allocated: the tensors' peak on the GPU (not the driver's reserve)
+        result["peak_cuda_mb"] = int(peak_cuda[-1]) / 2**20
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a random model: nothing to keep
     return result
 

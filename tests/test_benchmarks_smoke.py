@@ -178,6 +178,9 @@ def test_gpu_engines_mfu_arithmetic():
     assert s["train_tflops"] == pytest.approx(5_000 / 1e12)
     assert s["mfu_measured"] == pytest.approx(0.5) and s["mfu_nominal"] == pytest.approx(0.25)
     assert gpu_engines.summarize(result, 10.0, 50, 10_000.0, None)["mfu_nominal"] is None
+    row = gpu_engines.format_table("m", {"e": gpu_engines.summarize(dict(result, peak_cuda_mb=1536.4), 10.0, 50,
+                                                                     10_000.0, 20_000.0)}).splitlines()[2]
+    assert row == "| e | 100 | 2.000 | 2.000 | 0.0 | 50.0% | 25.0% | 4.000 | 1,536 MB |"
 
 
 def test_gpu_engines_smoke_runs_the_real_trainer_on_the_cpu(tmp_path, monkeypatch, capsys):
@@ -193,7 +196,28 @@ def test_gpu_engines_smoke_runs_the_real_trainer_on_the_cpu(tmp_path, monkeypatc
     data = json.loads(out.read_text())
     zerorl = data["summaries"]["zerorl engine"]
     assert zerorl["completion_tokens"] > 0 and zerorl["rollout_tokens_per_s"] > 0 and 0 < zerorl["mfu_measured"] < 1
+    assert zerorl["peak_cuda_mb"] is None  # a CPU run: no GPU memory figure
     printed = capsys.readouterr().out
-    assert "| zerorl engine |" in printed
+    assert "| zerorl engine |" in printed and printed.count("| – |") >= 1
     if gpu_engines.vllm_available() is not None:
         assert "| vLLM engine | not run: vLLM does not import here" in printed
+
+
+def test_gpu_engines_refuses_a_missing_gpu_and_reports_a_failed_run(tmp_path, monkeypatch, capsys):
+    import gpu_engines
+
+    monkeypatch.setattr(vs_trl, "WORK_DIR", tmp_path)
+    if not __import__("torch").cuda.is_available():
+        assert gpu_engines.main(["--smoke", "--device", "cuda", "--no-append"]) == 2
+        assert "no CUDA device here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_engines.main(["--device", "cpu"])  # --device only picks the smoke run's device
+
+    def failing_run(model_dir, settings, use_vllm):
+        raise RuntimeError("zerorl train failed; log tail:\nRuntimeError: Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(gpu_engines, "run_engine", failing_run)
+    assert gpu_engines.main(["--smoke", "--no-append"]) == 1  # a failed run is a failed benchmark, not a clean exit
+    captured = capsys.readouterr()
+    assert "| zerorl engine | not run: the run failed (RuntimeError: Expected all tensors" in captured.out
+    assert "zerorl engine: the run failed" in captured.err
