@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     nominal = next((value for key, value in NOMINAL_BF16_PEAK.items() if key in device_name), None) \
         if settings.bf16 else None
 
-    raw, summaries = {}, {}
+    raw, summaries, failed = {}, {}, []
     for engine, use_vllm in (("zerorl engine", False), ("vLLM engine", True)):
         missing = vllm_available() if use_vllm else None
         if missing is not None:
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print(error, file=sys.stderr)
             last = [line for line in str(error).splitlines() if line.strip()][-1]
             summaries[engine] = f"the run failed ({last[:160]})"
+            failed.append(engine)
             continue
         summaries[engine] = summarize(raw[engine], flops_per_token, prompt_tokens, peak, nominal)
 
@@ -212,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         with vs_trl.RESULTS.open("a") as handle:
             handle.write("\n" + header + "\n" + table + "\n")
         print(f"appended to {vs_trl.RESULTS}")
-    failed = [engine for engine, s in summaries.items() if isinstance(s, str) and s.startswith("the run failed")]
     if failed:
         print(f"gpu_engines.py: {', '.join(failed)}: the run failed (its log tail is above).", file=sys.stderr)
         return 1

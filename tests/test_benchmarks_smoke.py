@@ -207,7 +207,7 @@ def test_gpu_engines_refuses_a_missing_gpu_and_reports_a_failed_run(tmp_path, mo
     import gpu_engines
 
     monkeypatch.setattr(vs_trl, "WORK_DIR", tmp_path)
-    if not __import__("torch").cuda.is_available():
+    if not torch.cuda.is_available():
         assert gpu_engines.main(["--smoke", "--device", "cuda", "--no-append"]) == 2
         assert "no CUDA device here" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -173,8 +173,9 @@ def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tens
     """
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1]
-    if not bool(torch.isfinite(total).all() & (total > 0).all()):
-        rows = (~(torch.isfinite(total) & (total > 0))).nonzero().flatten().tolist()
+    samplable = torch.isfinite(total) & (total > 0)
+    if not bool(samplable.all()):
+        rows = (~samplable).nonzero().flatten().tolist()
         raise ValueError(f"next-token probabilities of rows {rows[:8]} are not finite and positive (NaN/Inf "
                          "logits: the model's weights or activations overflowed); nothing can be sampled from them")
     token = torch.searchsorted(cdf, uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:], right=True).squeeze(-1)
