@@ -265,6 +265,48 @@ def test_replicas_share_the_weights_but_not_the_gradients(model_and_tokenizer):
         original.sub_(1.0)
 
 
+def test_a_big_decode_runs_on_the_intra_op_threads_unless_openmp_waits_passively(model_and_tokenizer, monkeypatch):
+    """From THREADED_DECODE_FLOPS_PER_LAYER up, the rollout decodes one batch on all the intra-op threads instead
+    of one shard per worker — except under OMP_WAIT_POLICY=PASSIVE, or on one thread — and both draw the same
+    completions (each prompt samples from its own stream)."""
+    model, tokenizer = model_and_tokenizer
+    prompts, params = ["12+3=", "7*8=", "100-1=", "5="], SamplingParams(n=3, max_new_tokens=10, temperature=1.0)
+    work = rollout_module.layer_flops(model, len(prompts) * params.n)
+    monkeypatch.setattr(rollout_module, "SMALL_WORK_FLOPS_PER_LAYER", 0)  # shards pay when they are chosen
+    sharded = []
+    original_run = CPUWorkers.run
+    monkeypatch.setattr(CPUWorkers, "run", lambda self, tasks: sharded.append(len(tasks)) or original_run(self, tasks))
+    workers = CPUWorkers(2)
+    engine = HFRolloutEngine(model, tokenizer, workers=workers)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = {}
+        for label, threshold, policy in (("threads", work, None), ("shards: small", work + 1, None),
+                                          ("shards: passive", work, "passive")):
+            monkeypatch.setattr(rollout_module, "THREADED_DECODE_FLOPS_PER_LAYER", threshold)
+            if policy is None:
+                monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+            else:
+                monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            sharded.clear()
+            outs[label] = engine.generate(prompts, params, seed=5)
+            assert sharded == ([] if label == "threads" else [2]), label
+            assert torch.get_num_threads() == 2  # the workers gave the caller its threads back
+        torch.set_num_threads(1)
+        monkeypatch.setattr(rollout_module, "THREADED_DECODE_FLOPS_PER_LAYER", 0)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        sharded.clear()
+        outs["one thread"] = engine.generate(prompts, params, seed=5)
+        assert sharded == [2]  # one thread to split ops over: the workers decode shards
+    finally:
+        torch.set_num_threads(before)
+        workers.shutdown()
+    for label, out in outs.items():
+        assert torch.equal(out.completion_ids, outs["threads"].completion_ids), label
+        assert torch.allclose(out.sampling_logprobs, outs["threads"].sampling_logprobs, atol=1e-5), label
+
+
 def test_sharded_decoding_samples_what_one_batch_samples(model_and_tokenizer, monkeypatch, one_thread):
     """Each prompt draws from its own stream, so shards over two workers, one whole batch, and batches that
     split a prompt's samples all sample the same completions (log-probs to float rounding: each batch pads

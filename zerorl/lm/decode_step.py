@@ -50,8 +50,10 @@ ONEDNN_PACKED_BF16_LINEAR = torch.backends.mkldnn.is_available() \
     and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 # The nominal row count a weight is packed for. The packed weight serves any row count (checked: pack_weight), but
 # its speed depends on the hint: packed for 32 rows, MKL's GEMM slowed down past 32 rows (33 rows: 1,958 against
-# 1,425 µs at 32); packed for 512 both beat the plain GEMM at every count from 8 to 512 rows (measured here).
-_PACK_HINT = 512
+# 1,425 µs at 32). On one thread 256 and 512 run alike from 32 to 512 rows; on two threads a weight packed for 512
+# rows is not split well where it is narrow: [64 rows, 2048 → 512] 739 against 395 µs packed for 256, [64, 512 →
+# 512] 175 against 101 µs, and still 2,723 against 1,400 µs at 256 rows; [512 → 4096] runs alike (session 9).
+_PACK_HINT = 256
 _PACKING_CHECKED: dict = {}  # (dtype, out, in) → whether a packed weight of that kind reproduces F.linear here
 
 

@@ -72,6 +72,15 @@ def unsupported_reason(model: nn.Module) -> str | None:
 # layer, is 1.3× faster on two).
 SMALL_WORK_FLOPS_PER_LAYER = 4e8
 
+# From this many FLOPs per decoder layer and decode step, a rollout decodes faster as one batch on all the intra-op
+# threads than as prompt shards on single-threaded workers: a matrix product split over the threads streams each
+# weight from memory once, while every shard streams all of them. Measured on 2 cores under libgomp's default wait
+# policy (session 9, packed weights): 31.5M model, 64 rows 0.75 against 0.89 s per rollout, 32 rows 0.50 against
+# 0.64 s; 1.0M model (3e7 FLOPs per layer at 64 rows) 74 ms either way. Under OMP_WAIT_POLICY=PASSIVE every split op
+# pays for waking its threads and shards win at every size (31.5M: 0.95 against 1.15 s; 1.0M: 78 against 195 ms),
+# so the rollout shards there (``zerorl.lm.parallel.openmp_waits_passively``).
+THREADED_DECODE_FLOPS_PER_LAYER = 1e8
+
 # A rollout decodes with its weights packed for the GEMM (zerorl.lm.decode_step.pack_weight: float32 by MKL,
 # bf16 by oneDNN) when the decoder layers and the LM head take at most this many bytes in float32: the packed
 # copies live beside the weights for the rollout, which a 0.5B model (~2 GB in float32) should not pay in memory.
@@ -599,5 +608,5 @@ class DecodeState:
         return x
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "DecodeWeights", "NativeDecoder", "SwiGLUDown", "layer_flops", "rms_norm",
+__all__ = ["SMALL_WORK_FLOPS_PER_LAYER", "SUPPORTED_MODEL_TYPES", "THREADED_DECODE_FLOPS_PER_LAYER", "DecodeState", "DecodeWeights", "NativeDecoder", "SwiGLUDown", "layer_flops", "rms_norm",
            "rotate", "threads_for", "unsupported_reason"]

@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -357,6 +358,12 @@ def replica_count(model: torch.nn.Module, workers: CPUWorkers | None,
     return training_replicas(model, workers.num_workers)
 
 
+def openmp_waits_passively() -> bool:
+    """Whether OpenMP's idle threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``), so that every op split over the
+    intra-op threads pays for waking them: work is then better split over single-threaded workers."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def default_num_workers(requested: int, device: torch.device) -> int:
     """``cpu_workers`` resolved: 0 = one per intra-op thread on a CPU; never more than one on an accelerator."""
     if device.type != "cpu":
@@ -365,5 +372,5 @@ def default_num_workers(requested: int, device: torch.device) -> int:
 
 
 __all__ = ["PENDING_GRADIENT_BUDGET", "REPLICA_GRADIENT_BUDGET", "CPUWorkers", "OrderedGradientSum", "Replicas",
-           "accumulate_gradients", "balanced_shards", "default_num_workers", "replica_count", "run_tasks",
+           "accumulate_gradients", "balanced_shards", "default_num_workers", "openmp_waits_passively", "replica_count", "run_tasks",
            "thread_safe_forward", "training_replicas"]

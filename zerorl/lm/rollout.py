@@ -38,13 +38,14 @@ from zerorl.core.logprobs import selective_log_softmax
 from zerorl.lm.forward import position_ids_from_mask
 from zerorl.lm.native import (
     SMALL_WORK_FLOPS_PER_LAYER,
+    THREADED_DECODE_FLOPS_PER_LAYER,
     NativeDecoder,
     layer_flops,
     threads_for,
     unsupported_reason,
 )
 from zerorl.lm.native_model import NativeCausalLM
-from zerorl.lm.parallel import CPUWorkers, thread_safe_forward
+from zerorl.lm.parallel import CPUWorkers, openmp_waits_passively, thread_safe_forward
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -212,6 +213,14 @@ def sampling_uniforms(seed: int | None, rows: torch.Tensor, n: int, max_new_toke
     return torch.cat(blocks)
 
 
+def decode_on_threads(work_per_layer: float) -> bool:
+    """Whether a decode step with this many FLOPs per layer runs as one batch on all the intra-op threads rather
+    than as shards on single-threaded workers (THREADED_DECODE_FLOPS_PER_LAYER; never under a passive OpenMP wait
+    policy, where every split op wakes sleeping threads)."""
+    return torch.get_num_threads() > 1 and work_per_layer >= THREADED_DECODE_FLOPS_PER_LAYER \
+        and not openmp_waits_passively()
+
+
 class HFRolloutEngine:
     """Batched sampling from a live Hugging Face policy with a shared-prefix KV cache.
 
@@ -221,9 +230,10 @@ class HFRolloutEngine:
     differently pad their prompts differently).
     `native=True` decodes supported architectures with ``zerorl.lm.native`` (same distribution);
     `autocast_dtype` (e.g. torch.bfloat16) runs the forward passes under CPU/CUDA autocast.
-    `workers` (``zerorl.lm.parallel.CPUWorkers``): when a decode step is big enough to pay, or its layers run
-    as one TorchScript call, the prompts are split into one shard per worker and the shards decoded at
-    once, each on one thread.
+    `workers` (``zerorl.lm.parallel.CPUWorkers``): a decode step with little work per layer whose layers run
+    as one TorchScript call, or any decode step under OMP_WAIT_POLICY=PASSIVE that is big enough to pay, splits
+    the prompts into one shard per worker and decodes the shards at once, each on one thread; a big decode step
+    otherwise runs as one batch on all the intra-op threads (``decode_on_threads``).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int | None = None,
@@ -270,12 +280,15 @@ class HFRolloutEngine:
         num_rows = len(prompts) * params.n
         row_prompt = torch.arange(len(prompts), device=device).repeat_interleave(params.n)
         batch_size = self.max_batch_size or num_rows
-        # Shards decoded at once by single-threaded workers pay when a decode step is big (the matrix
-        # products release the GIL), or when its layers run as one TorchScript call (which holds no GIL at
-        # all). Each prompt samples from its own stream, so the shards draw what one batch would.
+        # A big decode step runs as one batch on all the intra-op threads (each streams its share of every
+        # weight; see THREADED_DECODE_FLOPS_PER_LAYER). Otherwise shards decoded at once by single-threaded
+        # workers pay when a decode step is big (the matrix products release the GIL), or when its layers run
+        # as one TorchScript call (which holds no GIL at all). Each prompt samples from its own stream, so the
+        # shards draw what one batch would.
         work = layer_flops(self.model, min(batch_size, num_rows)) if self.native is not None else float("inf")
-        parallel = self.native is not None and self.workers is not None and self.workers.parallel \
-            and len(prompts) > 1 and thread_safe_forward(self.model)
+        threaded = self.native is not None and device.type == "cpu" and decode_on_threads(work)
+        parallel = self.native is not None and not threaded and self.workers is not None \
+            and self.workers.parallel and len(prompts) > 1 and thread_safe_forward(self.model)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -293,7 +306,7 @@ class HFRolloutEngine:
                                                weights) for chunk in chunks]
                     outs = self.workers.run(tasks)
                 else:
-                    with threads_for(work):
+                    with contextlib.nullcontext() if threaded else threads_for(work):
                         outs = [self._decode_batch(prompt_ids, prompt_mask, chunk, params, seed, weights)
                                 for chunk in chunks]
         finally:
@@ -502,6 +515,7 @@ __all__ = [
     "SamplingParams",
     "can_complete",
     "cut_at_stop",
+    "decode_on_threads",
     "inverse_cdf_sample",
     "prompt_stream",
     "sample_next_token",
