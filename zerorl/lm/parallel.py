@@ -5,7 +5,9 @@ small ops (a [450 × 512] by [512 × 2048] matrix product, a norm, a rotary embe
 of them across cores pays a wake-up and a join per op while the element-wise ops barely scale. Splitting
 the *work* instead — micro-batches of the reference and training passes, prompt shards of the rollout —
 gives each core whole passes of the model on one thread (measured on 2 cores, benchmarks/RESULTS.md:
-the 31.5M model's training phase 2.48 → 1.88 s, the 1.0M model's 0.27 → 0.12 s).
+the 31.5M model's training phase 2.48 → 1.88 s, the 1.0M model's 0.27 → 0.12 s). A decode step is the
+exception once it is big: its few matrix products carry nearly all the work, and split over the threads
+each streams only its share of every weight, where every shard streams all of them (``rollout.decode_on_threads``).
 
 The weights are shared, not copied: the workers are threads of this process, and torch releases the
 GIL while an op runs. What a worker needs of the caller's thread-local state (grad mode, autocast) is
