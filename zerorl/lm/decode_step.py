@@ -53,6 +53,9 @@ ONEDNN_PACKED_BF16_LINEAR = torch.backends.mkldnn.is_available() \
 # 1,425 µs at 32). On one thread 256 and 512 run alike from 32 to 512 rows; on two threads a weight packed for 512
 # rows is not split well where it is narrow: [64 rows, 2048 → 512] 739 against 395 µs packed for 256, [64, 512 →
 # 512] 175 against 101 µs, and still 2,723 against 1,400 µs at 256 rows; [512 → 4096] runs alike (session 9).
+# MKL also packs for the calling thread's thread count: a weight packed on a one-thread worker ran a two-thread GEMM
+# at half speed (2,164 against 1,141 µs), while one packed on two threads runs a one-thread GEMM at full speed
+# (1,310 against 1,324 µs). So the caller packs, with all its threads, also for the workers' shards.
 _PACK_HINT = 256
 _PACKING_CHECKED: dict = {}  # (dtype, out, in) → whether a packed weight of that kind reproduces F.linear here
 

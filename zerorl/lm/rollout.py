@@ -293,8 +293,8 @@ class HFRolloutEngine:
         self.model.eval()
         try:
             with torch.inference_mode(), self._autocast(device):
-                # Built once for the whole rollout (shared by the shards) where shards are possible.
-                weights = self.native.decode_weights(device.type) if parallel else None
+                # Built once for the whole rollout, shared by its decode batches and shards.
+                weights = self.native.decode_weights(device.type) if self.native is not None else None
                 parallel = parallel and (work >= SMALL_WORK_FLOPS_PER_LAYER
                                          or self.native.scripted_decode_layers(weights, device.type) is not None)
                 if parallel:  # whole prompts per shard (their prefill is shared), one shard per worker
