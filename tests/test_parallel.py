@@ -265,6 +265,44 @@ def test_replicas_share_the_weights_but_not_the_gradients(model_and_tokenizer):
         original.sub_(1.0)
 
 
+def test_idle_workers_threads_go_to_the_busy_ones(monkeypatch):
+    """Fewer tasks than workers (4 micro-batches on 8 cores) would leave cores idle: the tasks split the caller's
+    intra-op threads instead — not under a passive OpenMP wait policy, and one each when the caller has as few
+    threads as tasks (``threads_for`` keeps small passes on one thread per worker)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    workers = CPUWorkers(4)
+    assert workers.thread_shares(2, 4) == [2, 2]
+    assert workers.thread_shares(3, 4) == [2, 1, 1]
+    assert workers.thread_shares(4, 4) == [1, 1, 1, 1]
+    assert workers.thread_shares(6, 4) == [1] * 6  # queued behind the workers: one thread each
+    assert workers.thread_shares(2, 1) == [1, 1]
+    assert workers.thread_shares(4, 8) == [2, 2, 2, 2]  # more threads than workers: spent too
+    assert workers.thread_shares(6, 8) == [2] * 6
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert workers.thread_shares(2, 4) == [1, 1]
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+
+    # What the tasks see, and the caller's count afterwards.
+    seen = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(2)
+
+    def task():
+        barrier.wait()  # both at once: each on its own worker
+        with lock:
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        workers.run([task, task])
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+        workers.shutdown()
+    assert seen == [2, 2]
+
+
 def test_a_big_decode_runs_on_the_intra_op_threads_unless_openmp_waits_passively(model_and_tokenizer, monkeypatch):
     """From THREADED_DECODE_FLOPS_PER_LAYER up, the rollout decodes one batch on all the intra-op threads instead
     of one shard per worker — except under OMP_WAIT_POLICY=PASSIVE, or on one thread — and both draw the same
