@@ -265,10 +265,29 @@ def test_replicas_share_the_weights_but_not_the_gradients(model_and_tokenizer):
         original.sub_(1.0)
 
 
+def test_small_passes_drop_to_one_thread_only_when_openmp_waits_passively(monkeypatch):
+    from zerorl.lm.native import SMALL_WORK_FLOPS_PER_LAYER, threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for policy, work, expected in ((None, 1.0, 2), ("PASSIVE", 1.0, 1), ("PASSIVE", SMALL_WORK_FLOPS_PER_LAYER, 2),
+                                       ("ACTIVE", 1.0, 2)):
+            if policy is None:
+                monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+            else:
+                monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            with threads_for(work):
+                assert torch.get_num_threads() == expected, (policy, work)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_idle_workers_threads_go_to_the_busy_ones(monkeypatch):
     """Fewer tasks than workers (4 micro-batches on 8 cores) would leave cores idle: the tasks split the caller's
     intra-op threads instead — not under a passive OpenMP wait policy, and one each when the caller has as few
-    threads as tasks (``threads_for`` keeps small passes on one thread per worker)."""
+    threads as tasks (under that policy ``threads_for`` keeps small passes on one thread per worker)."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     workers = CPUWorkers(4)
     assert workers.thread_shares(2, 4) == [2, 2]

@@ -35,6 +35,7 @@ from torch import nn
 from zerorl.lm.decode_step import linear, pack_weight
 from zerorl.lm.decode_step import scripted_decode_layers as _compiled_decode_layers
 from zerorl.lm.forward import position_ids_from_mask
+from zerorl.lm.parallel import openmp_waits_passively
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # scaled_dot_product_attention(..., enable_gqa=True) exists from torch 2.5 on.
@@ -66,10 +67,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-# Below this many FLOPs per decoder layer and pass, a second intra-op thread costs more than it gives: each
-# of the pass's many small ops wakes it (measured on 2 cores, benchmarks/RESULTS.md: a 1M-parameter model
-# decodes 1.9× faster and trains 1.4× faster on one thread; a 31.5M model's decode, ~0.5 GFLOP per
-# layer, is 1.3× faster on two).
+# Below this many FLOPs per decoder layer and pass, a second intra-op thread costs more than it gives under
+# OMP_WAIT_POLICY=PASSIVE: each of the pass's many small ops wakes it (measured on 2 cores, benchmarks/RESULTS.md:
+# a 1M-parameter model decodes 1.9× faster and trains 1.4× faster on one thread; a 31.5M model's decode, ~0.5 GFLOP
+# per layer, is 1.3× faster on two). Under libgomp's default policy (a waiting thread spins briefly) two threads
+# win at every size measured (session 9, 1.0M model: `cpu_workers=1 micro_batch_size=8` 0.335–0.358 → 0.247–0.250 s
+# per step, its one-batch decode 88 → 74 ms), so ``threads_for`` applies the threshold under PASSIVE only.
 SMALL_WORK_FLOPS_PER_LAYER = 4e8
 
 # From this many FLOPs per decoder layer and decode step, a rollout decodes faster as one batch on all the intra-op
@@ -95,9 +98,10 @@ def layer_flops(model: nn.Module, tokens: int) -> float:
 
 @contextlib.contextmanager
 def threads_for(flops_per_layer: float):
-    """Run a pass on one intra-op thread when its work per layer is small (see SMALL_WORK_FLOPS_PER_LAYER)."""
+    """Run a pass on one intra-op thread when its work per layer is small and OpenMP's idle threads sleep at once
+    (see SMALL_WORK_FLOPS_PER_LAYER)."""
     before = torch.get_num_threads()
-    if before <= 1 or flops_per_layer >= SMALL_WORK_FLOPS_PER_LAYER:
+    if before <= 1 or flops_per_layer >= SMALL_WORK_FLOPS_PER_LAYER or not openmp_waits_passively():
         yield
         return
     torch.set_num_threads(1)
