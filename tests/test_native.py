@@ -249,6 +249,40 @@ def test_decoding_with_packed_weights_samples_what_plain_weights_sample(model_an
     assert torch.allclose(packed_bf16.sampling_logprobs, plain_bf16.sampling_logprobs, atol=1e-2, rtol=0)
 
 
+def test_finished_rows_leave_the_decode_batch_in_place_with_the_same_caches(model_and_tokenizer):
+    """rollout.compaction_order moves only live rows from beyond the new size into finished slots below it;
+    DecodeState.keep then copies those rows and cuts its caches (views): the same rows as a reindexed copy, and the
+    next step gives the same logits."""
+    from zerorl.lm.rollout import compaction_order
+
+    finished = torch.tensor([False, True, False, False, True, False])
+    assert compaction_order(finished).tolist() == [0, 5, 2, 3]
+    assert compaction_order(torch.tensor([True, True])).tolist() == []
+    assert compaction_order(torch.tensor([False, False, True])).tolist() == [0, 1]
+
+    model, tokenizer = model_and_tokenizer
+    decoder = NativeDecoder(model)
+    encoded = tokenizer(["12+3=", "7*8=", "100-1="], return_tensors="pt", padding=True, padding_side="left")
+    row_prompt = torch.tensor([0, 0, 1, 1, 2, 2])
+    with torch.inference_mode():
+        _, in_place = decoder.start_decoding(encoded.input_ids, encoded.attention_mask, row_prompt, 6)
+        _, copied = decoder.start_decoding(encoded.input_ids, encoded.attention_mask, row_prompt, 6)
+        tokens = torch.tensor([5, 6, 7, 8, 9, 10])
+        in_place.step(tokens), copied.step(tokens)
+        order = compaction_order(finished)
+        storage = in_place.keys[0].untyped_storage().data_ptr()
+        in_place.keep(order)
+        copied.keep(order.flip(0))  # not a compaction: the general reindexing
+        copied.keep(torch.arange(len(order)).flip(0))  # back to ``order``
+        assert in_place.keys[0].untyped_storage().data_ptr() == storage  # moved in place, no new cache
+        filled = in_place.column
+        for mine, theirs in zip(in_place.keys + in_place.values, copied.keys + copied.values):
+            assert mine.shape[0] == 4
+            assert torch.equal(mine[:, :, :filled], theirs[:, :, :filled])  # the written columns
+        assert torch.equal(in_place.positions, copied.positions)
+        assert torch.equal(in_place.step(tokens[order]), copied.step(tokens[order]))
+
+
 def test_native_decoding_samples_what_the_transformers_decoding_samples(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = ["12+34=", "7-5=", "100+1=?"]

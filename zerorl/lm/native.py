@@ -542,9 +542,21 @@ class DecodeState:
             self.norm_eps = decoder.layers[0].input_layernorm.variance_epsilon
 
     def keep(self, index: torch.Tensor) -> None:
-        """Keep only rows ``index`` (the others finished)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        """Keep only rows ``index`` (the others finished), in that order. An order that moves rows only from beyond
+        the new size into it (``rollout.compaction_order``) is done in place: those rows are copied and the caches
+        cut to the new size (a view), where copying every layer's cache cost ~50 ms per 31.5M rollout."""
+        size = len(index)
+        moved = (index != torch.arange(size, device=index.device)).nonzero().flatten()
+        sources = index[moved]
+        if bool((sources >= size).all()):
+            for cache in (self.keys, self.values):
+                for layer, tensor in enumerate(cache):
+                    if len(moved):
+                        tensor[moved] = tensor[sources]
+                    cache[layer] = tensor[:size]
+        else:
+            self.keys = [k.index_select(0, index) for k in self.keys]
+            self.values = [v.index_select(0, index) for v in self.values]
         self.key_mask, self.positions = self.key_mask[index], self.positions[index]
 
     @torch.no_grad()

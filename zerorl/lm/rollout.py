@@ -407,7 +407,7 @@ class HFRolloutEngine:
                         reasons[row] = "stop"
             if finished.any():
                 lengths[active[finished]] = step + 1
-                keep = (~finished).nonzero().flatten()
+                keep = compaction_order(finished)
                 if keep.numel() == 0:
                     break
                 # Drop finished rows from the batch: later steps only compute unfinished ones.
@@ -489,6 +489,18 @@ class _TransformersDecodeState:
         return logits
 
 
+def compaction_order(finished: torch.Tensor) -> torch.Tensor:
+    """The batch slots to keep once ``finished`` [b] rows leave, ordered so that as few rows as possible move: the
+    live slots below the new size stay where they are, and the live slots beyond it fill the finished ones below
+    it. A decode state can then move those few rows and cut its tensors to the new size in place
+    (``DecodeState.keep``), instead of copying every layer's KV cache to drop a row."""
+    live = ~finished
+    size = int(live.sum())
+    order = torch.arange(size, device=finished.device)
+    order[finished[:size]] = live[size:].nonzero().flatten() + size
+    return order
+
+
 def can_complete(token_text: str, stop: str) -> bool:
     """Whether appending a token whose text is ``token_text`` can complete ``stop``: the stop string lies
     within the token's text, or the text starts with a proper suffix of it."""
@@ -514,6 +526,7 @@ __all__ = [
     "RolloutOutput",
     "SamplingParams",
     "can_complete",
+    "compaction_order",
     "cut_at_stop",
     "decode_on_threads",
     "inverse_cdf_sample",
