@@ -284,24 +284,11 @@ def test_small_passes_drop_to_one_thread_only_when_openmp_waits_passively(monkey
         torch.set_num_threads(before)
 
 
-def test_idle_workers_threads_go_to_the_busy_ones(monkeypatch):
-    """Fewer tasks than workers (4 micro-batches on 8 cores) would leave cores idle: the tasks split the caller's
-    intra-op threads instead — not under a passive OpenMP wait policy, and one each when the caller has as few
-    threads as tasks (under that policy ``threads_for`` keeps small passes on one thread per worker)."""
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+def test_each_worker_runs_on_one_thread_even_where_cores_idle():
+    """Two tasks on four workers with four threads: each task still gets one thread. A worker on more keeps an OpenMP
+    team of its own, and once libgomp manages more threads than CPUs it stops spinning in every team (measured:
+    the caller's split ops 2.4× slower from then on), so idle cores are the cheaper loss."""
     workers = CPUWorkers(4)
-    assert workers.thread_shares(2, 4) == [2, 2]
-    assert workers.thread_shares(3, 4) == [2, 1, 1]
-    assert workers.thread_shares(4, 4) == [1, 1, 1, 1]
-    assert workers.thread_shares(6, 4) == [1] * 6  # queued behind the workers: one thread each
-    assert workers.thread_shares(2, 1) == [1, 1]
-    assert workers.thread_shares(4, 8) == [2, 2, 2, 2]  # more threads than workers: spent too
-    assert workers.thread_shares(6, 8) == [2] * 6
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    assert workers.thread_shares(2, 4) == [1, 1]
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-
-    # What the tasks see, and the caller's count afterwards.
     seen = []
     lock = threading.Lock()
     barrier = threading.Barrier(2)
@@ -315,11 +302,11 @@ def test_idle_workers_threads_go_to_the_busy_ones(monkeypatch):
     torch.set_num_threads(4)
     try:
         workers.run([task, task])
-        assert torch.get_num_threads() == 4
+        assert torch.get_num_threads() == 4  # the caller's count is restored
     finally:
         torch.set_num_threads(before)
         workers.shutdown()
-    assert seen == [2, 2]
+    assert seen == [1, 1]
 
 
 def test_a_big_decode_runs_on_the_intra_op_threads_unless_openmp_waits_passively(model_and_tokenizer, monkeypatch):

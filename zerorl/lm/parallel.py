@@ -22,10 +22,6 @@ Runs repeat exactly, and resume exactly, for a given number of workers. Another 
 (a shard pads its prompts to its own width; one worker splits each op over the threads), so the trainers
 record the count in their checkpoints and warn when a resumed run has another.
 
-Threads: each worker runs its task on one intra-op thread, unless fewer tasks than workers (4 micro-batches on 8
-cores) or more threads than workers would leave cores idle; then the tasks split the caller's threads
-(``CPUWorkers.thread_shares``).
-
 Memory: no worker keeps a gradient accumulator of its own. What a worker adds is its micro-batch's
 activations, and the gradients that wait for their turn in the sum (at most ``PENDING_GRADIENT_BUDGET`` in
 all). Few wait: the sum runs over the micro-batches from the cheapest up, so of two that run side by side
@@ -66,42 +62,31 @@ class CPUWorkers:
     def parallel(self) -> bool:
         return self._pool is not None
 
-    def thread_shares(self, num_tasks: int, threads: int) -> list[int]:
-        """Intra-op threads per task when ``num_tasks`` run over this pool with ``threads`` to spend: one each,
-        except that threads no worker would use (fewer tasks than workers, e.g. 4 micro-batches on 8 cores, or
-        more threads than workers) are split over the tasks, the first ones taking the remainder. Not under a
-        passive OpenMP wait policy, where an op split over threads pays for waking them (openmp_waits_passively)."""
-        if openmp_waits_passively():
-            return [1] * num_tasks
-        if num_tasks > self.num_workers:  # queued: any worker may run any task
-            return [max(1, threads // self.num_workers)] * num_tasks
-        base, remainder = divmod(threads, max(1, num_tasks))
-        return [max(1, base + (1 if k < remainder else 0)) for k in range(num_tasks)]
-
     def run(self, tasks: Sequence[Callable[[], T]]) -> list[T]:
-        """Run the tasks, up to ``num_workers`` at once, each on its share of the caller's intra-op threads
-        (``thread_shares``: one each, unless fewer tasks than workers leave threads idle); results in order.
+        """Run the tasks, up to ``num_workers`` at once, each on one intra-op thread; results in order.
 
         Tasks run under the caller's grad mode and autocast. Inline when there is one task or one worker.
         """
         if self._pool is None or len(tasks) <= 1:
             return [task() for task in tasks]
         threads = torch.get_num_threads()
-        shares = self.thread_shares(len(tasks), threads)
         grad_enabled = torch.is_grad_enabled()
         inference = torch.is_inference_mode_enabled()
         autocast_on = torch.is_autocast_enabled("cpu")
         autocast_dtype = torch.get_autocast_dtype("cpu")
 
-        def in_worker(task: Callable[[], T], share: int) -> T:
+        def in_worker(task: Callable[[], T]) -> T:
             # This thread's OpenMP and MKL counts; it also sets torch's default for threads started later,
-            # which is process-wide, hence the restore below.
-            torch.set_num_threads(share)
+            # which is process-wide, hence the restore below. One thread even where cores idle (fewer tasks than
+            # workers): a worker on more keeps an OpenMP team of its own, and once libgomp manages more threads
+            # than CPUs it stops spinning in every team — measured here after two workers ran on two threads
+            # each: the caller's two-thread ops 2.4× slower from then on, the 31.5M rollout 0.72 → 1.07 s.
+            torch.set_num_threads(1)
             autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_on else contextlib.nullcontext()
             with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled), autocast:
                 return task()
 
-        futures = [self._pool.submit(in_worker, task, share) for task, share in zip(tasks, shares)]
+        futures = [self._pool.submit(in_worker, task) for task in tasks]
         # Every task finishes (or fails) before this returns or raises: none may still be writing into shared
         # buffers or gradients, or resetting the thread count, once the caller moves on.
         concurrent.futures.wait(futures)
