@@ -306,7 +306,7 @@ class HFRolloutEngine:
                                                weights) for chunk in chunks]
                     outs = self.workers.run(tasks)
                 else:
-                    with contextlib.nullcontext() if threaded else threads_for(work):
+                    with threads_for(work):  # keeps every thread for a threaded decode (never under PASSIVE)
                         outs = [self._decode_batch(prompt_ids, prompt_mask, chunk, params, seed, weights)
                                 for chunk in chunks]
         finally:
