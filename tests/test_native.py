@@ -444,6 +444,47 @@ def test_under_bf16_autocast_attention_is_computed_in_float32(model_and_tokenize
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
+def test_decode_attention_is_softmax_attention_in_the_cache_s_dtype_whatever_autocast_says():
+    """attend_cache: softmax(q kᵀ + mask) v per key/value head, checked against float64; a float32 cache stays
+    float32 under bf16 autocast (bmm's out= form is not an autocast op), a bf16 cache gives bf16."""
+    gen = torch.Generator().manual_seed(4)
+    rows, kv_heads, group, width, dim = 3, 2, 2, 6, 8
+    q = torch.randn(rows, kv_heads, group, dim, generator=gen)
+    keys, values = torch.randn(2, rows, kv_heads, width, dim, generator=gen)
+    mask = torch.zeros(rows, 1, 1, width)
+    mask[0, ..., :2] = float("-inf")  # row 0's prompt had two padding columns
+    scores = q.double() @ keys.double().transpose(2, 3) + mask.double()
+    expected = scores.softmax(-1) @ values.double()
+    assert expected[0].isfinite().all()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = decode_step.attend_cache(q, keys, values, mask)
+            lower = decode_step.attend_cache(q, keys.bfloat16(), values.bfloat16(), mask)
+        assert out.dtype == torch.float32 and out.shape == (rows, kv_heads, group, dim)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        assert lower.dtype == torch.bfloat16
+        torch.testing.assert_close(lower.double(), expected, rtol=0.05, atol=0.05)
+
+
+def test_under_bf16_autocast_the_rollout_s_logprobs_are_the_training_pass_s(model_and_tokenizer):
+    """On a CPU the decode's attention runs in float32 from a float32 cache, as the training pass's does
+    (NativeDecoder._attend): under bf16 autocast the sampling log-probs, which GRPO reuses as π_old at μ = 1, are
+    the training forward's. With the decode's attention in bf16 they were up to 0.06 apart on a sharper model, here ~2e-3 at most and ~5e-4 on average."""
+    model, tokenizer = model_and_tokenizer
+    engine = HFRolloutEngine(model, tokenizer, autocast_dtype=torch.bfloat16)
+    out = engine.generate(["12+34=", "7-5=", "100+1=?"], SamplingParams(max_new_tokens=12, n=3, stop_strings=()),
+                          seed=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = engine.native.completion_logits(out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                                 out.completion_mask)
+    training = torch.log_softmax(logits.float(), -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
+    real = out.completion_mask.bool()
+    assert real.sum() > 20
+    gap = (out.sampling_logprobs - training)[real].abs()
+    # Not bit for bit: bf16 matrix products of other shapes may round an output the other way (seen: ≤ 5e-4).
+    assert gap.max() < 1e-3 and gap.mean() < 5e-5, (gap.max(), gap.mean())
+
+
 def test_a_frozen_reference_kept_in_bf16_gives_the_same_bits_under_autocast(model_and_tokenizer):
     """store_for_autocast (bf16=true): the reference's matrix weights are stored as the bf16 casts autocast
     would make of them at every call — same numbers, half the memory, no casts."""

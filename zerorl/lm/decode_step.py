@@ -117,6 +117,29 @@ def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:  # noqa: UP045
     return packed if _PACKING_CHECKED[kind] else None
 
 
+def attend_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    """softmax(q kᵀ + mask) v for grouped queries q [b, Hkv, group, d] (already scaled) against their key/value
+    head's cache columns [b, Hkv, S, d], in the cache's dtype; mask [b, 1, 1, S] additive. Returns [b, Hkv, group, d].
+
+    The products go through bmm's ``out=`` form, which autocast does not intercept. A CPU keeps a float32 cache
+    (``native.DecodeState``): under bf16 autocast a plain product would cast the cache to bf16 at every layer and
+    step, and bf16's batched product on a CPU copies the transposed keys (31.5M model, a rollout's attention
+    103 → 50 ms). Float32 attention is also what the training pass computes there (``NativeDecoder._attend``)."""
+    rows, kv_heads, group, head_dim = q.shape
+    width, dtype = keys.shape[2], keys.dtype
+    batched_keys = keys.reshape(rows * kv_heads, width, head_dim)  # a view: each cache row is contiguous
+    scores = torch.empty(rows * kv_heads, group, width, dtype=dtype, device=q.device)
+    torch.bmm(q.to(dtype).reshape(rows * kv_heads, group, head_dim), batched_keys.transpose(1, 2), out=scores)
+    weights = scores.view(rows, kv_heads, group, width)
+    if mask is not None:
+        weights = weights + mask
+    weights = weights.softmax(-1).to(dtype)
+    out = torch.empty(rows * kv_heads, group, head_dim, dtype=dtype, device=q.device)
+    torch.bmm(weights.view(rows * kv_heads, group, width), values.reshape(rows * kv_heads, width, head_dim), out=out)
+    return out.view(rows, kv_heads, group, head_dim)
+
+
 def decode_layers(x: torch.Tensor, qkv_w: List[torch.Tensor], qkv_b: List[torch.Tensor],  # noqa: UP006
                   o_w: List[torch.Tensor], o_b: List[torch.Tensor], gate_up_w: List[torch.Tensor],  # noqa: UP006
                   down_w: List[torch.Tensor], down_b: List[torch.Tensor], packed: List[torch.Tensor],  # noqa: UP006
@@ -141,10 +164,7 @@ def decode_layers(x: torch.Tensor, qkv_w: List[torch.Tensor], qkv_b: List[torch.
         keys[i][:, :, column] = k
         values[i][:, :, column] = v.view(rows, num_kv_heads, head_dim)
         q = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim) * scale
-        scores = q @ keys[i][:, :, : column + 1].transpose(2, 3)
-        if mask is not None:
-            scores = scores + mask
-        out = scores.softmax(-1) @ values[i][:, :, : column + 1]
+        out = attend_cache(q, keys[i][:, :, : column + 1], values[i][:, :, : column + 1], mask)
         x = x + linear(out.reshape(rows, q_width), o_w[i], o_b[i] if len(o_b) > 0 else None,
                        packed[4 * i + 1] if has_packed else None)
         h = F.rms_norm(x, [x.shape[-1]], norm2[i], eps)
@@ -171,5 +191,5 @@ def scripted_decode_layers():
         return _SCRIPTED[0]
 
 
-__all__ = ["MKL_PACKED_LINEAR", "ONEDNN_PACKED_BF16_LINEAR", "decode_layers", "linear", "pack_weight",
+__all__ = ["MKL_PACKED_LINEAR", "ONEDNN_PACKED_BF16_LINEAR", "attend_cache", "decode_layers", "linear", "pack_weight",
            "scripted_decode_layers"]

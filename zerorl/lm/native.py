@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zerorl.lm.decode_step import linear, pack_weight
+from zerorl.lm.decode_step import attend_cache, linear, pack_weight
 from zerorl.lm.decode_step import scripted_decode_layers as _compiled_decode_layers
 from zerorl.lm.forward import position_ids_from_mask
 from zerorl.lm.parallel import openmp_waits_passively
@@ -513,9 +513,11 @@ class DecodeState:
         self.column = prompt_width
         self.keys, self.values = [], []
         device_type = prompt_cache[0][0].device.type
-        # Under autocast the cache is kept in its dtype: the cache is only read by the two attention matmuls,
-        # which autocast would cast it to at every step (the whole cache, per layer and token).
-        cache_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        # Attention runs in the cache's dtype (decode_step.attend_cache). A CPU keeps it float32 under autocast too:
+        # bf16 attention there is slower (a copy of the transposed keys per layer and step) and less precise. Elsewhere
+        # the cache is in the autocast dtype: half the memory, and a GPU's bf16 products are the fast ones.
+        cache_dtype = torch.float32 if device_type == "cpu" or not torch.is_autocast_enabled(device_type) \
+            else torch.get_autocast_dtype(device_type)
         for k, v in prompt_cache:
             shape = (rows, k.shape[1], prompt_width + max_new_tokens, k.shape[3])
             keys, values = k.new_empty(shape, dtype=cache_dtype), v.new_empty(shape, dtype=cache_dtype)
@@ -610,10 +612,7 @@ class DecodeState:
             values[:, :, column] = v.view(rows, d.num_kv_heads, d.head_dim)
             # Grouped query heads [b, Hkv, group, d] against their shared key/value head.
             q = q.reshape(rows, d.num_kv_heads, d.group, d.head_dim) * d.scale
-            scores = q @ keys[:, :, : column + 1].transpose(2, 3)  # [b, Hkv, group, S]
-            if mask is not None:
-                scores = scores + mask
-            out = scores.softmax(-1) @ values[:, :, : column + 1]
+            out = attend_cache(q, keys[:, :, : column + 1], values[:, :, : column + 1], mask)
             x = x + _linear(out.reshape(rows, q_width), o, attn.o_proj)
             h = rms_norm(x, layer.post_attention_layernorm)
             if gate_up is not None:
