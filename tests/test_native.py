@@ -444,6 +444,25 @@ def test_under_bf16_autocast_attention_is_computed_in_float32(model_and_tokenize
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_model_with_bf16_weights_decodes_from_a_cache_of_its_own_dtype(tmp_path, lora):
+    """Without autocast the KV cache takes the keys' dtype: a model loaded with dtype=bfloat16 attends in bf16 and
+    hands bf16 attention outputs to its bf16 layers, module calls (LoRA-wrapped) included."""
+    directory = build_tiny_model(tmp_path / "m", arch="qwen2", tokenizer="char", hidden_size=64, num_layers=2,
+                                 num_heads=4, num_kv_heads=2)
+    model, tokenizer = load_model_and_tokenizer(str(directory), dtype="bfloat16")
+    if lora:
+        apply_lora(model, rank=4)
+    engine = HFRolloutEngine(model, tokenizer)
+    prompt_ids = tokenizer(["12+34="], return_tensors="pt").input_ids
+    with torch.no_grad():
+        _, state = engine.native.start_decoding(prompt_ids, torch.ones_like(prompt_ids), torch.zeros(2, dtype=torch.long),
+                                                max_new_tokens=4)
+    assert {k.dtype for k in state.keys + state.values} == {torch.bfloat16}
+    out = engine.generate(["12+34=", "7-5="], SamplingParams(max_new_tokens=6, n=2, stop_strings=()), seed=1)
+    assert out.completion_ids.shape == (4, 6) and out.sampling_logprobs[out.completion_mask.bool()].isfinite().all()
+
+
 def test_decode_attention_is_softmax_attention_in_the_cache_s_dtype_whatever_autocast_says():
     """attend_cache: softmax(q kᵀ + mask) v per key/value head, checked against float64; a float32 cache stays
     float32 under bf16 autocast (bmm's out= form is not an autocast op), a bf16 cache gives bf16."""

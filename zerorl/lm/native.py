@@ -513,11 +513,13 @@ class DecodeState:
         self.column = prompt_width
         self.keys, self.values = [], []
         device_type = prompt_cache[0][0].device.type
-        # Attention runs in the cache's dtype (decode_step.attend_cache). A CPU keeps it float32 under autocast too:
-        # bf16 attention there is slower (a copy of the transposed keys per layer and step) and less precise. Elsewhere
-        # the cache is in the autocast dtype: half the memory, and a GPU's bf16 products are the fast ones.
-        cache_dtype = torch.float32 if device_type == "cpu" or not torch.is_autocast_enabled(device_type) \
-            else torch.get_autocast_dtype(device_type)
+        # Attention runs in the cache's dtype (decode_step.attend_cache): the keys' and values' own dtype, except under
+        # autocast. There a CPU keeps the cache in float32: bf16 attention on a CPU is slower (a copy of the transposed
+        # keys per layer and step) and less precise. Elsewhere it is in the autocast dtype: half the memory, and a
+        # GPU's bf16 products are the fast ones.
+        cache_dtype = None
+        if torch.is_autocast_enabled(device_type):
+            cache_dtype = torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
         for k, v in prompt_cache:
             shape = (rows, k.shape[1], prompt_width + max_new_tokens, k.shape[3])
             keys, values = k.new_empty(shape, dtype=cache_dtype), v.new_empty(shape, dtype=cache_dtype)
