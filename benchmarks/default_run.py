@@ -34,6 +34,7 @@ def main() -> int:
     args = parser.parse_args()
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="zerorl-cache-")
+    cache_was_empty = not any(Path(cache).iterdir()) if Path(cache).is_dir() else True
     out = args.output_dir or tempfile.mkdtemp(prefix="zerorl-run-")
     env = dict(os.environ, ZERORL_CACHE=cache)
     cmd = [sys.executable, "-m", "zerorl.cli", "train", "--output-dir", out, *args.overrides]
@@ -59,7 +60,9 @@ def main() -> int:
         f"| format rate | {100 * before['format_rate']:.1f}% | {100 * after['format_rate']:.1f}% | "
         f"{100 * (after['format_rate'] - before['format_rate']):+.1f} |",
         "",
-        f"Wall time of `zerorl train` (cold-start SFT included, empty cache): {wall:.0f} s "
+        f"Wall time of `zerorl train` ("
+        + ("cold-start SFT included, empty cache" if cache_was_empty else f"cache reused from {cache}: no SFT")
+        + f"): {wall:.0f} s "
         f"({wall / 60:.1f} min); training+eval as reported by the run: {summary['wall_seconds']:.0f} s.",
     ]
     table = "\n".join(lines)
