@@ -60,7 +60,7 @@ def main() -> int:
         f"| format rate | {100 * before['format_rate']:.1f}% | {100 * after['format_rate']:.1f}% | "
         f"{100 * (after['format_rate'] - before['format_rate']):+.1f} |",
         "",
-        f"Wall time of `zerorl train` ("
+        "Wall time of `zerorl train` ("
         + ("cold-start SFT included, empty cache" if cache_was_empty else f"cache reused from {cache}: no SFT")
         + f"): {wall:.0f} s "
         f"({wall / 60:.1f} min); training+eval as reported by the run: {summary['wall_seconds']:.0f} s.",
