@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench clean jemalloc
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,20 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	@$(MAKE) --no-print-directory jemalloc
 	touch $(STAMP)
+
+# Best effort, as root on Debian/Ubuntu: jemalloc, which the zerorl command runs on where it finds it
+# (zerorl/allocator.py: ~5-30% shorter steps, up to 15% less memory). Not on PyPI; without it zerorl runs on
+# glibc's malloc. NO_JEMALLOC=1 skips.
+jemalloc:
+	@if [ -z "$(NO_JEMALLOC)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	    && ! (ls /usr/lib/*/libjemalloc.so.2 || ls /usr/lib/libjemalloc.so.2) >/dev/null 2>&1; then \
+	  echo "installing libjemalloc2 (apt-get; NO_JEMALLOC=1 skips)"; \
+	  apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 \
+	    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1) \
+	    || echo "libjemalloc2 not installed: zerorl runs on glibc's malloc"; \
+	fi
 
 install: $(STAMP)
 

@@ -106,7 +106,8 @@ def run_engine(model_dir: Path, settings: Settings, use_vllm: bool) -> dict:
         model_dir, steps=settings.steps, threads=settings.threads, prompts=settings.prompts,
         generations=settings.generations, completion_length=settings.completion_length, beta=0.04,
         learning_rate=1e-6, tag=tag,
-        extra=(f"device={settings.device}", f"bf16={str(settings.bf16).lower()}", f"use_vllm={str(use_vllm).lower()}"))
+        extra=(f"device={settings.device}", f"bf16={str(settings.bf16).lower()}", f"use_vllm={str(use_vllm).lower()}"),
+        preload=vs_trl.allocator_library("auto"))  # the host's malloc, as the zerorl command picks it
 
 
 def vllm_available() -> str | None:

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(vs_trl.MODELS), choices=list(vs_trl.MODELS))
     parser.add_argument("--rounds", type=int, default=2, help="base/new pairs per model")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", default="auto", choices=("auto", "jemalloc", "tcmalloc", "system"),
+                        help="malloc of both sides, as ZERORL_ALLOCATOR picks it (default auto)")
     parser.add_argument("--extra", nargs="*", default=[], help="key=value overrides for both sides")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     head = _git("rev-parse", "--short", "HEAD")
     dirty = " + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") else ""
     load_before = os.getloadavg()[0]
+    preload = vs_trl.allocator_library(args.allocator)
     sections = []
     try:
         for name, model_dir in vs_trl.build_models(args.models).items():
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = vs_trl.run_zerorl(model_dir, settings.steps, settings.threads, settings.prompts,
                                                settings.generations, settings.completion_length, settings.beta,
                                                settings.learning_rate, tag=f"ab-{name}-{side}-{round_index}",
-                                               extra=tuple(args.extra), source=source)
+                                               extra=tuple(args.extra), source=source, preload=preload)
                     runs[side].append(result)
                     print(f"    {result['seconds_per_step']:.3f} s/step, peak RSS {result['peak_rss_mb']:,.0f} MB",
                           flush=True)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "worktree", "remove", "--force", str(base_path)], cwd=vs_trl.REPO_ROOT)
     header = (f"`python benchmarks/step_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}`: base "
               f"{base_commit} against this tree ({head}{dirty}); {platform.machine()}, {os.cpu_count()} cores, "
-              f"{settings.threads} torch threads, OMP_WAIT_POLICY={vs_trl.wait_policy()}; vs_trl.py's "
+              f"{settings.threads} torch threads, OMP_WAIT_POLICY={vs_trl.wait_policy()}, {vs_trl.allocator_name(preload)}; vs_trl.py's "
               f"settings{', ' + ' '.join(args.extra) if args.extra else ''}; order per round: base, this tree, "
               f"each in a fresh process. Load average (1 min) before {load_before:.2f}, after "
               f"{os.getloadavg()[0]:.2f}.")

@@ -123,8 +123,23 @@ def ensure_trl_venv() -> Path:
     return _venv_python()
 
 
-def _child_env(threads: int) -> dict[str, str]:
+def allocator_library(choice: str) -> str | None:
+    """The malloc library a child runs on for a ZERORL_ALLOCATOR value (None: glibc's), as the zerorl command
+    picks it (zerorl.allocator): the children here call zerorl's main() in-process, which never re-executes."""
+    from zerorl.allocator import resolve
+
+    return resolve(choice)[1]
+
+
+def allocator_name(library: str | None) -> str:
+    return "glibc's malloc" if library is None else Path(library).name
+
+
+def _child_env(threads: int, preload: str | None = None) -> dict[str, str]:
     env = dict(os.environ)  # OMP_WAIT_POLICY as this process has it (main: --omp-wait-policy), for both sides
+    env.pop("LD_PRELOAD", None)  # the allocator is chosen per side: ``preload``
+    if preload:
+        env["LD_PRELOAD"] = preload
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
@@ -156,7 +171,7 @@ def _summary(system: str, step_seconds: list[float], tokens: list[int], peak_rss
             "tokens_per_second": sum(timed_tokens) / sum(timed_seconds), "peak_rss_mb": peak_rss_mb}
 
 
-def run_trl(model_dir: Path, checkpointing: bool, settings: Settings, tag: str) -> dict:
+def run_trl(model_dir: Path, checkpointing: bool, settings: Settings, tag: str, preload: str | None = None) -> dict:
     python = ensure_trl_venv()
     out = WORK_DIR / "runs" / f"{tag}.json"
     cmd = [str(python), str(TRL_RUNNER), "--model", str(model_dir), "--out", str(out),
@@ -164,7 +179,7 @@ def run_trl(model_dir: Path, checkpointing: bool, settings: Settings, tag: str) 
            "--threads", str(settings.threads), "--prompts", str(settings.prompts),
            "--generations", str(settings.generations), "--completion-length", str(settings.completion_length),
            "--beta", str(settings.beta), "--learning-rate", str(settings.learning_rate)]
-    _run(cmd, _child_env(settings.threads), out.with_suffix(".log"))
+    _run(cmd, _child_env(settings.threads, preload), out.with_suffix(".log"))
     raw = json.loads(out.read_text())
     result = _summary(raw["system"], raw["step_seconds"], raw["completion_tokens"], raw["peak_rss_mb"])
     result["versions"] = raw["versions"]
@@ -186,7 +201,8 @@ _ZERORL_CHILD = (
 
 def run_zerorl(model_dir: Path, steps: int = 6, threads: int = 2, prompts: int = 8, generations: int = 8,
                completion_length: int = 32, beta: float = 0.04, learning_rate: float = 2e-4,
-               tag: str = "zerorl", extra: tuple[str, ...] = (), source: Path = REPO_ROOT) -> dict:
+               tag: str = "zerorl", extra: tuple[str, ...] = (), source: Path = REPO_ROOT,
+               preload: str | None = None) -> dict:
     """`zerorl train --task arithmetic` on `model_dir` in a fresh process; timed steps exclude the first.
 
     ``source``: the checkout whose zerorl runs (the child starts there, and `python -c` puts its working
@@ -201,7 +217,7 @@ def run_zerorl(model_dir: Path, steps: int = 6, threads: int = 2, prompts: int =
            "device=cpu", "dtype=float32", "eval_at_start=false", "eval_at_end=false", "plots=false",
            "save_steps=0", "progress=false", "num_eval=8", *extra]
     log = WORK_DIR / "runs" / f"{tag}.log"
-    _run(cmd, _child_env(threads), log, cwd=source)
+    _run(cmd, _child_env(threads, preload), log, cwd=source)
     peak_kb = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("PEAK_RSS_KB")]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = _summary("zerorl", [row["step_time"] for row in rows], [int(row["num_tokens"]) for row in rows],
@@ -292,12 +308,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip zerorl-lean (cpu_workers=1 micro_batch_size=8, the memory setting)")
     parser.add_argument("--no-floor", action="store_true", help="skip the fp32 FLOP-floor column (floor.py)")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--allocator", default="auto", choices=("auto", "jemalloc", "tcmalloc", "system"),
+                        help="zerorl's malloc, as ZERORL_ALLOCATOR picks it for the zerorl command (default auto: "
+                             "jemalloc, else tcmalloc, else glibc's)")
+    parser.add_argument("--trl-allocator", default="system", choices=("system", "same", "jemalloc", "tcmalloc"),
+                        help="TRL's malloc: system (default: glibc's, as TRL runs) or the same as zerorl's")
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
                         help="OMP_WAIT_POLICY for every run, TRL's and zerorl's (default: this environment's)")
     args = parser.parse_args(argv)
     if args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     settings = Settings(steps=args.steps, threads=args.threads)
+    zerorl_library = allocator_library(args.allocator)
+    trl_library = zerorl_library if args.trl_allocator == "same" else allocator_library(args.trl_allocator)
     load_before = os.getloadavg()
     ensure_trl_venv()
     model_dirs = build_models(args.models)
@@ -320,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_zerorl(model_dir, settings.steps, settings.threads, settings.prompts,
                                         settings.generations, settings.completion_length, settings.beta,
                                         settings.learning_rate, tag=tag,
-                                        extra=ZERORL_EXTRA[system])
+                                        extra=ZERORL_EXTRA[system], preload=zerorl_library)
                 else:
-                    result = run_trl(model_dir, checkpointing, settings, tag)
+                    result = run_trl(model_dir, checkpointing, settings, tag, preload=trl_library)
                 result["load_average_after"] = os.getloadavg()[0]
                 loads.append(result["load_average_after"])
                 runs[system].append(result)
@@ -347,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"`python benchmarks/vs_trl.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
               f"{platform.machine()}, {os.cpu_count()} cores, {settings.threads} torch threads per run "
-              f"(OMP_WAIT_POLICY={wait_policy()}), "
+              f"(OMP_WAIT_POLICY={wait_policy()}), zerorl on {allocator_name(zerorl_library)} "
+              f"(ZERORL_ALLOCATOR={args.allocator}), TRL on {allocator_name(trl_library)}, "
               f"zerorl on torch {torch.__version__}, TRL {versions.get('trl', '?')} on torch "
               f"{versions.get('torch', '?')} / transformers {versions.get('transformers', '?')}. Load average "
               f"(1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}, {min(loads):.2f}–{max(loads):.2f} "

@@ -185,5 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> int:
+    """The installed ``zerorl`` command: ``main`` under the malloc ``ZERORL_ALLOCATOR`` picks (default: jemalloc or
+    tcmalloc where the machine has one), for which the process re-executes itself once (zerorl.allocator)."""
+    from zerorl.allocator import AllocatorError, relaunch
+
+    try:
+        relaunch([sys.executable, "-m", "zerorl.cli", *sys.argv[1:]])
+    except AllocatorError as err:
+        print(f"zerorl: error: {err}", file=sys.stderr)
+        return 2
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
