@@ -38,19 +38,19 @@ def test_a_requested_allocator_that_is_missing_or_unknown_is_a_clear_error(tmp_p
 def test_the_plan_preloads_the_library_once_and_respects_what_is_already_there(tmp_path):
     dirs = _libraries(tmp_path, "libjemalloc.so.2")
     library = str(tmp_path / "libjemalloc.so.2")
-    kind, env = relaunch_plan(["zerorl"], {"LD_PRELOAD": "/opt/libother.so", "PATH": "/bin"}, dirs=dirs,
+    kind, env = relaunch_plan({"LD_PRELOAD": "/opt/libother.so", "PATH": "/bin"}, dirs=dirs,
                               platform="linux")
     assert kind == "jemalloc" and env["LD_PRELOAD"] == f"{library}:/opt/libother.so"
     assert env[ENV_APPLIED] == "jemalloc" and env["PATH"] == "/bin"
-    assert relaunch_plan(["zerorl"], {}, dirs=dirs, platform="linux")[1]["LD_PRELOAD"] == library
+    assert relaunch_plan({}, dirs=dirs, platform="linux")[1]["LD_PRELOAD"] == library
     # Never twice, not off Linux, not over an allocator already loaded, not when the system's is asked for.
-    assert relaunch_plan(["zerorl"], {ENV_APPLIED: "jemalloc"}, dirs=dirs, platform="linux") is None
-    assert relaunch_plan(["zerorl"], {}, dirs=dirs, platform="darwin") is None
-    assert relaunch_plan(["zerorl"], {}, dirs=dirs, platform="linux", running_on="tcmalloc") is None
-    assert relaunch_plan(["zerorl"], {ENV_CHOICE: "system"}, dirs=dirs, platform="linux") is None
-    assert relaunch_plan(["zerorl"], {ENV_CHOICE: " Auto "}, dirs=dirs, platform="linux")[0] == "jemalloc"
+    assert relaunch_plan({ENV_APPLIED: "jemalloc"}, dirs=dirs, platform="linux") is None
+    assert relaunch_plan({}, dirs=dirs, platform="darwin") is None
+    assert relaunch_plan({}, dirs=dirs, platform="linux", running_on="tcmalloc") is None
+    assert relaunch_plan({ENV_CHOICE: "system"}, dirs=dirs, platform="linux") is None
+    assert relaunch_plan({ENV_CHOICE: " Auto "}, dirs=dirs, platform="linux")[0] == "jemalloc"
     with pytest.raises(AllocatorError):  # a bad value is reported even where nothing would be preloaded
-        relaunch_plan(["zerorl"], {ENV_CHOICE: "fast"}, dirs=dirs, platform="darwin")
+        relaunch_plan({ENV_CHOICE: "fast"}, dirs=dirs, platform="darwin")
 
 
 def test_loaded_reads_the_mapped_libraries():

@@ -86,6 +86,7 @@ def resolve(choice: str, dirs: list[Path] | None = None) -> tuple[str, str | Non
                              f"Fix: one of {', '.join(CHOICES)}.")
     if choice == "system":
         return "system", None
+    dirs = search_dirs() if dirs is None else dirs
     kinds = list(LIBRARIES) if choice == "auto" else [choice]
     for kind in kinds:
         path = find(kind, dirs)
@@ -94,13 +95,13 @@ def resolve(choice: str, dirs: list[Path] | None = None) -> tuple[str, str | Non
     if choice == "auto":
         return "system", None
     raise AllocatorError(f"{ENV_CHOICE}={choice}: no {' or '.join(LIBRARIES[choice])} on this machine "
-                         f"(looked in {', '.join(str(d) for d in (search_dirs() if dirs is None else dirs))}). "
+                         f"(looked in {', '.join(str(d) for d in dirs)}). "
                          f"Fix: {INSTALL_HINT[choice]}, or {ENV_CHOICE}=auto to run on what there is.")
 
 
-def relaunch_plan(command: list[str], environ: dict[str, str], dirs: list[Path] | None = None,
-                  platform: str = sys.platform, running_on: str | None = None) -> tuple[str, dict[str, str]] | None:
-    """What to re-execute ``command`` with (the allocator, the new environment), or None to run as is: not on
+def relaunch_plan(environ: dict[str, str], dirs: list[Path] | None = None, platform: str = sys.platform,
+                  running_on: str | None = None) -> tuple[str, dict[str, str]] | None:
+    """What to re-execute the command with (the allocator, the new environment), or None to run as is: not on
     Linux, already re-executed once, the system allocator asked for or nothing better found, or an allocator
     already preloaded (the user's ``LD_PRELOAD`` wins)."""
     choice = environ.get(ENV_CHOICE, "auto").strip().lower() or "auto"
@@ -116,7 +117,7 @@ def relaunch_plan(command: list[str], environ: dict[str, str], dirs: list[Path] 
 def relaunch(command: list[str]) -> None:
     """Re-execute ``command`` (argv, program first) under the allocator ``ZERORL_ALLOCATOR`` picks, or return
     to run in this process as it is. Does not return when it re-executes."""
-    plan = relaunch_plan(command, dict(os.environ), running_on=loaded())
+    plan = relaunch_plan(dict(os.environ), running_on=loaded())
     if plan is None:
         return
     _, env = plan
