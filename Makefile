@@ -27,8 +27,8 @@ jemalloc:
 	@if [ -z "$(NO_JEMALLOC)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	    && ! (ls /usr/lib/*/libjemalloc.so.2 || ls /usr/lib/libjemalloc.so.2) >/dev/null 2>&1; then \
 	  echo "installing libjemalloc2 (apt-get; NO_JEMALLOC=1 skips)"; \
-	  apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 \
-	    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1) \
+	  timeout 300 apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 \
+	    || (timeout 300 apt-get update -qq >/dev/null 2>&1 && timeout 300 apt-get install -y -qq libjemalloc2 >/dev/null 2>&1) \
 	    || echo "libjemalloc2 not installed: zerorl runs on glibc's malloc"; \
 	fi
 
