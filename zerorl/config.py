@@ -58,6 +58,10 @@ class TrainConfig:
     beta: float = 0.04  # KL coefficient; 0 = no reference model is loaded
     kl_estimator: str = "k3"
     ref_model_sync_steps: int = 0  # >0: copy the policy into the reference every N steps
+    # The reference's weights in the OS page cache (an unlinked file in output_dir), mapped into the process only
+    # for the reference pass (zerorl.lm.page_cache): None = on where that works (a CPU run on Linux), false = in
+    # memory. 31.5M model: peak RSS −127 MB, same speed
+    ref_offload: bool | None = None
     num_iterations: int = 1  # μ, passes over each rollout batch
     num_minibatches: int = 1  # optimizer steps per pass
     micro_batch_size: int | None = None  # completions per forward/backward (gradients accumulated exactly above
@@ -175,6 +179,10 @@ class TrainConfig:
         _check("save_steps", self.save_steps, self.save_steps >= 0, "must be ≥ 0 (0 = only at the end)")
         _check("save_total_limit", self.save_total_limit, self.save_total_limit >= 1, "keep at least 1 checkpoint")
         _check("ref_model_sync_steps", self.ref_model_sync_steps, self.ref_model_sync_steps >= 0, "must be ≥ 0")
+        if self.ref_offload and self.device.startswith("cuda"):
+            raise ConfigError(f"ref_offload=true with device={self.device!r}: the reference's weights go to the page "
+                              "cache only where a CPU run reads them; on a GPU they stay in device memory. Fix: drop "
+                              "ref_offload (or set it to false).")
         if self.reward_weights and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has "

@@ -31,6 +31,7 @@ from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
 from zerorl.lm.native import NativeDecoder, layer_flops, threads_for
+from zerorl.lm.page_cache import offload_reference, release
 from zerorl.lm.parallel import Replicas, accumulate_gradients, replica_count
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
@@ -107,6 +108,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     if config.beta > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         store_for_autocast(ref_model, config)
+    # Its weights wait in the page cache (CPU): out of the resident set through the rollout and the training pass.
+    ref_pages = offload_reference(ref_model, config, run.run_dir, run.device)
 
     # zerorl's lean forward (same math: shared prompts, no padding in the matmuls) where supported.
     policy_native = native_decoder(model, config)
@@ -131,6 +134,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                desc=f"{config.algo} {config.task}", unit="step", disable=not config.progress)
     for step in bar:
         step_start = time.perf_counter()
+        release(ref_pages)  # a checkpoint's save or load, or a refresh, read or wrote them
 
         # 1. Prompts → G completions each → rule-based rewards.
         prompts, data_cursor = next_prompts(run, data_cursor)
@@ -157,6 +161,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             if ref_model is not None:
                 batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size,
                                                       config.temperature, native=ref_native, workers=run.workers)
+                release(ref_pages)
 
         # 4. μ passes of minibatch updates.
         shuffle_gen = torch.Generator().manual_seed(config.seed * 7_919 + step)
@@ -246,6 +251,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     if start_step < config.max_steps:  # else a resume after the last checkpoint: it is already on disk
         save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler,
                             extra={"nonfinite_in_a_row": nonfinite_in_a_row})
+        release(ref_pages)
     if config.eval_at_end:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
     return finish_run(run)

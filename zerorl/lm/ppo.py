@@ -34,6 +34,7 @@ from zerorl.core.logprobs import entropy_from_logits, logprobs_from_logits
 from zerorl.core.losses import aggregate, policy_loss, value_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.lora import merge_lora
+from zerorl.lm.page_cache import offload_reference, release
 from zerorl.lm.parallel import CPUWorkers, Replicas, accumulate_gradients, replica_count
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
@@ -124,6 +125,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
     # π_ref: a frozen copy; with LoRA the base model with adapters switched off, no copy at all.
     ref_model = reference_model(policy, config)
+    ref_pages = offload_reference(ref_model, config, run.run_dir, run.device)  # weights in the page cache
     reward_set, scorer = training_reward_set(run, config)
 
     critic_lr = config.critic_learning_rate or config.learning_rate
@@ -146,6 +148,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                desc=f"ppo {config.task}", unit="step", disable=not config.progress)
     for step in bar:
         step_start = time.perf_counter()
+        release(ref_pages)  # a checkpoint's save or load read or wrote them
 
         # 1. Prompts → samples → scalar scores (verifiers or a reward model).
         prompts, data_cursor = next_prompts(run, data_cursor)
@@ -156,6 +159,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
         # 2-3. π_old, V and π_ref at rollout time; token rewards; GAE; whitening.
         advantages = estimate_advantages(policy, critic, ref_model, batch, config, workers=run.workers)
+        release(ref_pages)
 
         # 4. μ passes of minibatch updates of policy and critic together.
         shuffle_gen = torch.Generator().manual_seed(config.seed * 7_919 + step)
@@ -228,6 +232,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     if start_step < config.max_steps:  # else a resume after the last checkpoint: it is already on disk
         save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler,
                             extra={"nonfinite_in_a_row": skipped_in_a_row})
+        release(ref_pages)
     if config.eval_at_end:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
     if config.lora_rank > 0:

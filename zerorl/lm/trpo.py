@@ -43,6 +43,7 @@ from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import completion_logits
 from zerorl.lm.grpo import compute_advantages
 from zerorl.lm.lora import merge_lora
+from zerorl.lm.page_cache import offload_reference, release
 from zerorl.lm.parallel import CPUWorkers, Replicas, balanced_shards, replica_count, run_tasks
 from zerorl.lm.pipeline import completion_metrics, rollout_and_score
 from zerorl.lm.runtime import (
@@ -340,6 +341,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     critic = build_critic(policy, config.critic).to(run.device) if with_critic else None
     policy_params, critic_params = trainable_parameters(policy, critic, config)
     ref_model = reference_model(policy, config)
+    ref_pages = offload_reference(ref_model, config, run.run_dir, run.device)  # weights in the page cache
     reward_set, scorer = training_reward_set(run, config)
     # Copies of the policy sharing its weights, one per CPU worker, for the split trust-region step.
     replicas = Replicas(policy, replica_count(policy, run.workers))
@@ -364,6 +366,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                desc=f"trpo {config.task}", unit="step", disable=not config.progress)
     for step in bar:
         step_start = time.perf_counter()
+        release(ref_pages)  # a checkpoint's save or load read or wrote them
 
         # 1. Prompts → samples → scores.
         prompts, data_cursor = next_prompts(run, data_cursor)
@@ -377,6 +380,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                                        workers=run.workers)
         if config.beta > 0:
             batch.ref_logprobs = reference_logprobs(policy, ref_model, batch, config, workers=run.workers)
+            release(ref_pages)
 
         # 3. Advantages: from the group of G samples, or token rewards + GAE from the critic (as PPO).
         batch.advantages = group_advantages(batch, config) if not with_critic else gae_advantages(batch, config)
@@ -423,6 +427,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     memory = model_state_bytes(held_models, optimizer)
     if start_step < config.max_steps:  # else a resume after the last checkpoint: it is already on disk
         save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler)
+        release(ref_pages)
     if config.eval_at_end:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
     if config.lora_rank > 0:
