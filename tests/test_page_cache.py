@@ -68,13 +68,19 @@ def test_writes_survive_a_release(tiny, tmp_path):
         assert torch.equal(tensor, new_state[name]), name
 
 
-def test_a_full_disk_fails_up_front_with_the_fix(tiny, tmp_path, monkeypatch):
+def test_a_full_disk_fails_up_front_with_the_fix_or_keeps_the_weights_in_memory(tiny, tmp_path, monkeypatch):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
+    ref = copy.deepcopy(tiny)
     with pytest.raises(OSError, match="ref_offload=false"):
-        PageCacheWeights(copy.deepcopy(tiny), tmp_path)
+        PageCacheWeights(ref, tmp_path)
+    with pytest.raises(OSError, match="ref_offload=false"):  # asked for: the error
+        offload_reference(ref, TrainConfig(ref_offload=True), tmp_path, torch.device("cpu"))
+    # By default the weights stay in memory, untouched.
+    assert offload_reference(ref, TrainConfig(ref_offload=None), tmp_path, torch.device("cpu")) is None
+    assert torch.equal(_logits(ref), _logits(tiny))
 
 
 def test_ref_offload_chooses_where_the_weights_live(tiny, tmp_path):

@@ -113,7 +113,7 @@ def _address(mapping: mmap.mmap) -> int:
 def offload_reference(ref_model: nn.Module | None, config, directory: str | os.PathLike,
                       device: torch.device) -> PageCacheWeights | None:
     """π_ref's weights into the page cache where ``config.ref_offload`` asks for it (None = wherever it works: a
-    CPU run on Linux); None when they stay in memory."""
+    CPU run on Linux, with room for the file); None when they stay in memory."""
     wanted = config.ref_offload
     if ref_model is None or wanted is False:
         return None
@@ -128,7 +128,13 @@ def offload_reference(ref_model: nn.Module | None, config, directory: str | os.P
             raise ConfigError(f"ref_offload=true needs Linux's madvise(MADV_DONTNEED) on file mappings; this is "
                              f"{sys.platform}. Fix: drop ref_offload (or set it to false).")
         return None
-    return PageCacheWeights(ref_model, directory)
+    try:
+        return PageCacheWeights(ref_model, directory)
+    except OSError as err:  # a full disk, a file system without shared mappings: the module is untouched
+        if wanted:
+            raise
+        print(f"note: the reference model's weights stay in memory ({err})", file=sys.stderr, flush=True)
+        return None
 
 
 def release(pages: PageCacheWeights | None) -> None:
