@@ -240,3 +240,27 @@ def test_rewards_and_advantages_live_on_the_completions_device():
     assert batch.rewards.device.type == "meta" and batch.rewards.shape == (4,)
     assert batch.reward_components and all(v.device.type == "meta" for v in batch.reward_components.values())
     assert compute_advantages(batch, config).device.type == "meta"
+
+
+def test_grpo_with_lora_trains_only_the_adapters_against_the_base(random_tiny_model, digits_reward, tmp_path):
+    """lora_rank > 0: adapters on the linear layers are all GRPO trains, π_ref is the policy with them switched
+    off (B starts at zero, so the first step's KL is 0 up to rounding), and final/ has them merged."""
+    from zerorl.config import ConfigError
+    from zerorl.lm.models import load_model_and_tokenizer
+
+    train(_config(random_tiny_model, tmp_path, max_steps=3, lora_rank=4, beta=0.1, eval_at_start=False,
+                  eval_at_end=False, template="compact", max_completion_length=12, learning_rate=1e-2,
+                  reward_funcs=[digits_reward]))
+    rows = _metrics(tmp_path)
+    assert len(rows) == 3
+    assert rows[0]["kl"] < 1e-9  # the policy is still the base model: the reference (up to rounding)
+    assert rows[-1]["kl"] > 0.0  # the adapters moved it
+    before, _ = load_model_and_tokenizer(str(random_tiny_model))
+    after, _ = load_model_and_tokenizer(str(tmp_path / "final"))  # a plain HF model
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    assert b.keys() == a.keys()  # no adapter left behind
+    for name in b:  # only the wrapped linear layers moved: embeddings and norms are not trained
+        moved = not torch.equal(b[name], a[name])
+        assert moved == name.endswith(("_proj.weight",)), name
+    with pytest.raises(ConfigError, match="ref_model_sync_steps"):
+        _config(random_tiny_model, tmp_path / "bad", lora_rank=4, ref_model_sync_steps=10)

@@ -122,7 +122,7 @@ class TrainConfig:
     fisher_subsample: int = 8  # TRPO: Fisher-vector products on every k-th completion (baselines: 5)
     trpo_advantages: str = "gae"  # gae: critic + token GAE (as PPO) | group: advantage_estimator over the
     #                               G samples of each prompt, as GRPO: no critic held, β·KL in the surrogate
-    lora_rank: int = 0  # >0: PPO/TRPO train LoRA adapters of this rank only; 0 = all parameters
+    lora_rank: int = 0  # >0: GRPO/PPO/TRPO train LoRA adapters of this rank only; 0 = all parameters
     lora_alpha: float = 16.0  # LoRA scale α / rank
 
     # --- reliability (issue 5) -----------------------------------------------------------------
@@ -210,6 +210,10 @@ class TrainConfig:
             raise ConfigError(f"use_vllm=true with lora_rank={self.lora_rank}: the LoRA-wrapped policy's weights "
                               "do not have the names vLLM loads. Fix: lora_rank=0 with use_vllm, or use_vllm=false.")
         _check("lora_alpha", self.lora_alpha, self.lora_alpha > 0, "must be > 0, e.g. 16")
+        if self.lora_rank > 0 and self.ref_model_sync_steps > 0:
+            raise ConfigError(f"ref_model_sync_steps={self.ref_model_sync_steps} with lora_rank={self.lora_rank}: a "
+                              "LoRA run's reference is the base model with its adapters switched off, which a "
+                              "refresh cannot move. Fix: ref_model_sync_steps=0, or lora_rank=0.")
         if self.reward_model is not None and not (Path(self.reward_model) / "config.json").is_file():
             raise ConfigError(f"reward_model={self.reward_model!r} is not a Hugging Face model directory "
                               "(no config.json there). Fix: pass the directory of a sequence-classification "

@@ -18,7 +18,6 @@ The objective is the article's J_GRPO (DeepSeekMath, Shao et al. 2024, eq. 3); e
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -30,6 +29,7 @@ from zerorl.core.kl import kl_estimate
 from zerorl.core.losses import aggregate, policy_loss
 from zerorl.lm.batch import RolloutBatch
 from zerorl.lm.forward import batched_logprobs, completion_logprobs
+from zerorl.lm.lora import merge_lora
 from zerorl.lm.native import NativeDecoder, layer_flops, threads_for
 from zerorl.lm.page_cache import offload_reference, release
 from zerorl.lm.parallel import Replicas, accumulate_gradients, replica_count
@@ -54,6 +54,7 @@ from zerorl.lm.runtime import (
     setup_lm_run,
     store_for_autocast,
 )
+from zerorl.lm.value_model import reference_logprobs, reference_model, trainable_parameters
 
 
 def compute_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
@@ -103,19 +104,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     model = run.model
     model.train()
 
-    # The frozen reference π_ref of the KL penalty. Not even loaded when β = 0 (Dr. GRPO / DAPO style).
-    ref_model = None
-    if config.beta > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    # What GRPO trains: every parameter, or (lora_rank > 0) LoRA adapters on the linear layers.
+    trainable, _ = trainable_parameters(model, None, config)
+
+    # The frozen reference π_ref of the KL penalty: a copy of the policy, whose weights wait in the page cache on
+    # a CPU (out of the resident set through the rollout and the training pass); with LoRA the policy with its
+    # adapters switched off, no copy at all. Not even loaded when β = 0 (Dr. GRPO / DAPO style).
+    ref_model = reference_model(model, config)
+    if ref_model is not None:
         store_for_autocast(ref_model, config)
-    # Its weights wait in the page cache (CPU): out of the resident set through the rollout and the training pass.
     ref_pages = offload_reference(ref_model, config, run.run_dir, run.device)
 
     # zerorl's lean forward (same math: shared prompts, no padding in the matmuls) where supported.
     policy_native = native_decoder(model, config)
-    ref_native = native_decoder(ref_model, config) if ref_model is not None else None
 
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    optimizer = make_optimizer(trainable, config)
     # One gradient accumulator per CPU worker: copies of the policy that share its weights (zerorl.lm.parallel).
     replicas = Replicas(model, replica_count(model, run.workers))
     replica_natives = [policy_native] + [native_decoder(copy_, config) for copy_ in replicas.models[1:]]
@@ -158,9 +161,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             if not on_policy:
                 batch.old_logprobs = batched_logprobs(model, batch, config.micro_batch_size, config.temperature,
                                                       native=policy_native, workers=run.workers)
-            if ref_model is not None:
-                batch.ref_logprobs = batched_logprobs(ref_model, batch, config.micro_batch_size,
-                                                      config.temperature, native=ref_native, workers=run.workers)
+            if config.beta > 0:
+                batch.ref_logprobs = reference_logprobs(model, ref_model, batch, config, workers=run.workers)
                 release(ref_pages)
 
         # 4. μ passes of minibatch updates.
@@ -254,4 +256,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         release(ref_pages)
     if config.eval_at_end:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
+    if config.lora_rank > 0:
+        merge_lora(model)  # final/ is a plain HF model with the adapters folded in
     return finish_run(run)
