@@ -10,8 +10,8 @@ maps 16 pages a fault), no copy and no disk read while memory is plentiful; unde
 write them to the file and reclaim them, which ordinary memory cannot do without swap. This is the page-cache
 form of what verl calls parameter offload (``ref.param_offload``), and how llama.cpp holds its weights.
 
-Measured on the 31.5M model (2 CPU threads, the vs_trl settings): peak RSS 1,305 → 1,178 MB, step time unchanged
-(2.319 against 2.304 s; docs/performance.md).
+Measured (benchmarks/step_ab.py, paged against ``ref_offload=false``, 2 CPU threads): the 31.5M benchmark model's
+peak RSS 1,307 → 1,205 MB, a 0.5B-class Qwen2's 11,162 → 9,262 MB, step times within noise (docs/performance.md).
 
 The mapping is read-write and shared, so everything a module does still works: ``load_state_dict`` (a resumed
 checkpoint, ``ref_model_sync_steps``) writes through to the file, and ``state_dict`` reads it. Dropping the pages
