@@ -245,3 +245,29 @@ def test_compare_table_and_per_algorithm_overrides():
     assert "| PPO | 3: policy + reference + critic | 200 | 100 | 2.0 | 4 | 1.00 | 40.0% → 50.0% (+10.0) |" in table
     lines = savings_lines([grpo, ppo])
     assert "GRPO 200 vs PPO 300" in lines[0] and "33% fewer" in lines[0] and "(50% less)" in lines[1]
+
+
+def test_lora_reference_is_the_base_model_on_the_native_forward(random_tiny_model, digits_reward, tmp_path):
+    """With LoRA, π_ref is the policy with its adapters switched off: on zerorl's native forward (which calls the
+    wrapped layers) its log-probs are the base model's, though the adapters are far from zero."""
+    import copy
+
+    from zerorl.lm.forward import batched_logprobs
+    from zerorl.lm.lora import apply_lora
+    from zerorl.lm.runtime import native_decoder
+    from zerorl.lm.value_model import reference_logprobs
+
+    policy, _, batch, config = _scored_batch(random_tiny_model, digits_reward, tmp_path, "value_head")
+    base = copy.deepcopy(policy)
+    expected = batched_logprobs(base, batch, config.micro_batch_size, config.temperature)
+    adapters = apply_lora(policy, rank=4, alpha=16.0)
+    with torch.no_grad():
+        for p in adapters:
+            p.normal_(0, 0.5)
+    assert native_decoder(policy, config) is not None  # the path under test
+    adapted = batched_logprobs(policy, batch, config.micro_batch_size, config.temperature)
+    mask = batch.completion_mask.bool()
+    assert (adapted - expected)[mask].abs().max() > 1e-2  # the adapters do change the policy
+    reference = reference_logprobs(policy, None, batch, config)
+    torch.testing.assert_close(reference[mask], expected[mask], atol=1e-5, rtol=0)
+    assert all(layer.enabled for layer in policy.modules() if hasattr(layer, "enabled"))  # switched back on

@@ -286,8 +286,8 @@ def reference_model(policy: nn.Module, config: TrainConfig) -> nn.Module | None:
 
 def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch, config: TrainConfig,
                        workers: CPUWorkers | None = None) -> torch.Tensor:
-    """log π_ref of the batch: the frozen copy (on zerorl's native forward where supported), or (LoRA) the
-    policy with its adapters switched off. ``workers`` run the micro-batches concurrently."""
+    """log π_ref of the batch: the frozen copy, or (LoRA) the policy with its adapters switched off — both on
+    zerorl's native forward where supported. ``workers`` run the micro-batches concurrently."""
     from zerorl.lm.forward import batched_logprobs
     from zerorl.lm.lora import lora_disabled
     from zerorl.lm.runtime import native_decoder
@@ -295,8 +295,9 @@ def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch, co
     if ref_model is not None:
         return batched_logprobs(ref_model, batch, config.micro_batch_size, config.temperature,
                                 native=native_decoder(ref_model, config), workers=workers)
-    with lora_disabled(policy):
-        return batched_logprobs(policy, batch, config.micro_batch_size, config.temperature, workers=workers)
+    with lora_disabled(policy):  # the native forward calls the wrapped layers, which read the switch
+        return batched_logprobs(policy, batch, config.micro_batch_size, config.temperature,
+                                native=native_decoder(policy, config), workers=workers)
 
 
 def training_reward_set(run, config: TrainConfig) -> tuple[RewardSet, RewardModelScorer | None]:
