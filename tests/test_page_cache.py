@@ -74,10 +74,17 @@ def test_a_full_disk_fails_up_front_with_the_fix_or_keeps_the_weights_in_memory(
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     ref = copy.deepcopy(tiny)
-    with pytest.raises(OSError, match="ref_offload=false"):
+    with pytest.raises(OSError, match="free disk space there, or set ref_offload=false"):
         PageCacheWeights(ref, tmp_path)
     with pytest.raises(OSError, match="ref_offload=false"):  # asked for: the error
         offload_reference(ref, TrainConfig(ref_offload=True), tmp_path, torch.device("cpu"))
+
+    def not_supported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", not_supported)
+    with pytest.raises(OSError, match="output_dir on a local disk"):  # not a space problem: another fix
+        PageCacheWeights(ref, tmp_path)
     # By default the weights stay in memory, untouched.
     assert offload_reference(ref, TrainConfig(ref_offload=None), tmp_path, torch.device("cpu")) is None
     assert torch.equal(_logits(ref), _logits(tiny))

@@ -23,6 +23,7 @@ after a crash.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import sys
@@ -66,9 +67,11 @@ class PageCacheWeights:
             try:
                 os.posix_fallocate(file.fileno(), 0, max(size, 1))
             except OSError as err:
+                fix = "free disk space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                    "use an output_dir on a local disk"
                 raise OSError(err.errno, f"cannot reserve {size / 2**20:.0f} MB for the reference model's weights "
-                                         f"in {str(directory)!r} ({err.strerror}). Fix: free disk space there, "
-                                         "or set ref_offload=false to keep them in memory.") from err
+                                         f"in {str(directory)!r} ({err.strerror}). Fix: {fix}, or set "
+                                         "ref_offload=false to keep them in memory.") from err
             self._map = mmap.mmap(file.fileno(), max(size, 1), flags=mmap.MAP_SHARED,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)  # holds its own descriptor
         for p, offset in zip(params, offsets):
