@@ -72,6 +72,12 @@ def test_outputs_of_a_run(base_model, tmp_path):
     for key in ("eval_before", "eval_after"):
         assert set(summary[key]) >= {"accuracy_sampled", "accuracy_greedy", "n"} and summary[key]["n"] == 8
     assert summary["wall_seconds"] > 0
+    # The models held: the policy (all trainable) and its frozen copy, π_ref; their parameters, gradients and
+    # Adam's two moments: 4 bytes × (2 + 2) per policy parameter and 4 per reference parameter.
+    policy = summary["models"]["policy"]
+    assert policy["frozen"] == 0 and summary["models"]["reference"] == {"trainable": 0,
+                                                                        "frozen": policy["trainable"]}
+    assert summary["model_state_bytes"] == 4 * (4 + 1) * policy["trainable"]
     for name in ("metrics.jsonl", "summary.json", "config.yaml", "training.png", "final/config.json",
                  "final/model.safetensors", "final/tokenizer.json"):
         assert (tmp_path / name).exists(), name
@@ -248,9 +254,13 @@ def test_grpo_with_lora_trains_only_the_adapters_against_the_base(random_tiny_mo
     from zerorl.config import ConfigError
     from zerorl.lm.models import load_model_and_tokenizer
 
-    train(_config(random_tiny_model, tmp_path, max_steps=3, lora_rank=4, beta=0.1, eval_at_start=False,
-                  eval_at_end=False, template="compact", max_completion_length=12, learning_rate=1e-2,
-                  reward_funcs=[digits_reward]))
+    summary = train(_config(random_tiny_model, tmp_path, max_steps=3, lora_rank=4, beta=0.1, eval_at_start=False,
+                            eval_at_end=False, template="compact", max_completion_length=12, learning_rate=1e-2,
+                            reward_funcs=[digits_reward]))
+    # Rank 4 on q, k, v, o, gate, up, down of one layer (H = 32, one kv head of 16, MLP 160): r·(in + out) each.
+    per_layer = 4 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + (32 + 160) * 2 + (160 + 32))
+    assert summary["models"]["policy"]["trainable"] == per_layer
+    assert "reference" not in summary["models"]  # π_ref = the policy with its adapters off: no copy
     rows = _metrics(tmp_path)
     assert len(rows) == 3
     assert rows[0]["kl"] < 1e-9  # the policy is still the base model: the reference (up to rounding)

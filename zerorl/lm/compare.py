@@ -61,31 +61,6 @@ def _memory_kib(field: str) -> int:
     return peak // 1024 if sys.platform == "darwin" else peak
 
 
-def _grpo_models(config) -> tuple[dict, int]:
-    """The models grpo.py holds (policy; a frozen copy as π_ref when β > 0) and their state bytes with AdamW.
-
-    grpo.py (not ours to instrument) builds exactly these objects; the counts use the same helpers as
-    PPO's and TRPO's own reports, on the loaded base model.
-    """
-    import copy
-
-    import torch
-
-    from zerorl.lm.models import load_model_and_tokenizer
-    from zerorl.lm.sft import ensure_base_model
-    from zerorl.lm.value_model import model_state_bytes, parameter_counts
-
-    path = config.model or str(ensure_base_model(task_name=config.task, cache_dir=config.cache_dir))
-    policy, _ = load_model_and_tokenizer(path, dtype=config.dtype)
-    ref = copy.deepcopy(policy).requires_grad_(False) if config.beta > 0 else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate)
-    for p in policy.parameters():  # AdamW allocates its two moments at the first step
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    modules = {"policy": policy, "reference": ref}
-    return parameter_counts(modules), model_state_bytes(modules, optimizer)
-
-
 def run_worker(algo: str, output_dir: Path, overrides: dict) -> dict:
     import torch
 
@@ -114,10 +89,7 @@ def run_worker(algo: str, output_dir: Path, overrides: dict) -> dict:
     peak_rss = _memory_kib("VmHWM")
     peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     rows = [json.loads(line) for line in (output_dir / algo / "metrics.jsonl").read_text().splitlines()]
-    if algo == "grpo":
-        models, state_bytes = _grpo_models(config)
-    else:
-        models, state_bytes = summary["models"], summary["model_state_bytes"]
+    models, state_bytes = summary["models"], summary["model_state_bytes"]
 
     eval_values = {**values, "model": str(output_dir / algo / "final"), "output_dir": str(output_dir / algo / "eval")}
     eval_run = setup_lm_run(build_config(TrainConfig, None, eval_values), resume=True)

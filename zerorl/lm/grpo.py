@@ -54,7 +54,13 @@ from zerorl.lm.runtime import (
     setup_lm_run,
     store_for_autocast,
 )
-from zerorl.lm.value_model import reference_logprobs, reference_model, trainable_parameters
+from zerorl.lm.value_model import (
+    model_state_bytes,
+    parameter_counts,
+    reference_logprobs,
+    reference_model,
+    trainable_parameters,
+)
 
 
 def compute_advantages(batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
@@ -124,6 +130,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     replica_natives = [policy_native] + [native_decoder(copy_, config) for copy_ in replicas.models[1:]]
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})
+    held_models = {"policy": model, "reference": ref_model}
+    held = parameter_counts(held_models)
 
     state, evaluated_now = begin_training(run, modules, optimizer, scheduler, resume)
     start_step, data_cursor = state["step"], state["data_cursor"]
@@ -250,6 +258,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                                 extra={"nonfinite_in_a_row": nonfinite_in_a_row})
     bar.close()
 
+    memory = model_state_bytes(held_models, optimizer)
     if start_step < config.max_steps:  # else a resume after the last checkpoint: it is already on disk
         save_training_state(run, config.max_steps, data_cursor, modules, optimizer, scheduler,
                             extra={"nonfinite_in_a_row": nonfinite_in_a_row})
@@ -258,4 +267,4 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         print(describe_eval("after", run_evaluation(run, "after")), flush=True)
     if config.lora_rank > 0:
         merge_lora(model)  # final/ is a plain HF model with the adapters folded in
-    return finish_run(run)
+    return finish_run(run, extra={"models": held, "model_state_bytes": memory})
