@@ -88,3 +88,28 @@ def test_micro_batch_size_default_follows_precision():
     assert build_config(TrainConfig, None, {"bf16": "true", "micro_batch_size": "8"}).micro_batch_size == 8
     with pytest.raises(ConfigError, match="micro_batch_size"):
         build_config(TrainConfig, None, {"micro_batch_size": "0"})
+
+
+def test_options_an_algorithm_never_reads_earn_a_note(tmp_path, capsys):
+    from zerorl.lm.runtime import setup_lm_run
+
+    def notes(**values):
+        return TrainConfig(**values).unused_options()
+
+    assert notes() == [] and notes(algo="ppo") == [] and notes(algo="trpo") == []  # the defaults: silence
+    assert notes(algo="ppo", epsilon=0.3, gamma=0.9) == []  # both are PPO's
+    (line,) = notes(algo="trpo", epsilon=0.3)
+    assert line.startswith("epsilon=0.3 has no effect with algo=trpo") and "max_kl" in line
+    assert [n.split("=")[0] for n in notes(algo="grpo", gamma=0.9, max_kl=0.01, critic="value_head")] == \
+        ["gamma", "critic", "max_kl"]
+    assert [n.split("=")[0] for n in notes(algo="ppo", loss_type="dr_grpo", scale_rewards="none")] == \
+        ["loss_type", "scale_rewards"]
+    # TRPO's critic options matter with trpo_advantages=gae (the default), not with group; and the reverse.
+    assert notes(algo="trpo", lam=0.9) == []
+    assert [n.split("=")[0] for n in notes(algo="trpo", trpo_advantages="group", lam=0.9, learning_rate=1e-3)] \
+        == ["lam", "learning_rate"]
+    assert [n.split("=")[0] for n in notes(algo="trpo", scale_rewards="none")] == ["scale_rewards"]
+    # A run says so first, before anything can fail (here: the task name).
+    with pytest.raises(ConfigError, match="task"):
+        setup_lm_run(TrainConfig(algo="trpo", epsilon=0.3, task="no-such-task", output_dir=str(tmp_path)))
+    assert "note: epsilon=0.3 has no effect with algo=trpo" in capsys.readouterr().err

@@ -186,11 +186,17 @@ def test_reward_model_scores_and_trains(random_tiny_model, tmp_path):
     ids = tok(prompts[1] + completions[1], return_tensors="pt")
     assert batched[1] == pytest.approx(rm(**ids).logits[0, 0].item(), abs=1e-5)
 
+    from zerorl.lm.grpo import train as grpo_train
+
     train(_config(random_tiny_model, tmp_path / "run", max_steps=2, reward_model=str(rm_dir), critic="value_head"))
-    for row in _metrics(tmp_path / "run"):
-        # The reward model is the whole reward; the task's functions are still logged (weight 0).
-        assert row["reward"] == pytest.approx(row["rewards/reward_model/mean"], abs=1e-5)
-        assert "rewards/accuracy/mean" in row
+    summary = grpo_train(_config(random_tiny_model, tmp_path / "grpo", algo="grpo", max_steps=2,
+                                 reward_model=str(rm_dir)))
+    assert summary["models"]["reward_model"]["frozen"] == sum(p.numel() for p in rm.parameters())
+    for run in ("run", "grpo"):  # PPO and GRPO alike
+        for row in _metrics(tmp_path / run):
+            # The reward model is the whole reward; the task's functions are still logged (weight 0).
+            assert row["reward"] == pytest.approx(row["rewards/reward_model/mean"], abs=1e-5)
+            assert "rewards/accuracy/mean" in row
     with pytest.raises(ConfigError, match="reward_model"):
         _config(random_tiny_model, tmp_path / "bad", reward_model=str(tmp_path / "missing"))
 
@@ -271,3 +277,29 @@ def test_lora_reference_is_the_base_model_on_the_native_forward(random_tiny_mode
     reference = reference_logprobs(policy, None, batch, config)
     torch.testing.assert_close(reference[mask], expected[mask], atol=1e-5, rtol=0)
     assert all(layer.enabled for layer in policy.modules() if hasattr(layer, "enabled"))  # switched back on
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "trpo"])
+def test_ref_model_sync_steps_refreshes_the_reference_in_every_trainer(random_tiny_model, digits_reward, tmp_path,
+                                                                       algo):
+    """π_ref ← π_θ every ref_model_sync_steps steps, in each trainer: after step 2 of 2 with N = 2 the final
+    checkpoint's reference equals the policy, bit for bit; with N = 3 it is still the starting model."""
+    import importlib
+
+    from zerorl.checkpoint import latest_checkpoint, load_checkpoint
+
+    trainer = importlib.import_module(f"zerorl.lm.{algo}")
+    states = {}
+    for sync in (2, 3):
+        out = tmp_path / f"sync{sync}"
+        trainer.train(_config(random_tiny_model, out, algo=algo, max_steps=2, ref_model_sync_steps=sync, beta=0.1,
+                              reward_funcs=[digits_reward]))
+        tensors, _ = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+        states[sync] = tensors
+    policy, refreshed = states[2]["model"], states[2]["ref_model"]
+    assert refreshed.keys() == policy.keys()
+    assert all(torch.equal(refreshed[k], policy[k]) for k in policy)
+    start, _ = load_model_and_tokenizer(str(random_tiny_model))
+    original = start.state_dict()
+    assert all(torch.equal(states[3]["ref_model"][k], original[k]) for k in original)
+    assert not all(torch.equal(states[3]["model"][k], original[k]) for k in original)  # the policy did move

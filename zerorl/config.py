@@ -230,6 +230,43 @@ class TrainConfig:
     def loss_agg_mode(self) -> str:
         return LOSS_TYPE_TO_AGG_MODE[self.loss_type]
 
+    def unused_options(self) -> list[str]:
+        """One line for each option set away from its default that ``algo``'s trainer never reads (TRL and verl
+        users bring options across algorithms; a silent no-op would look like a result)."""
+        default = TrainConfig()
+        unused: dict[str, str] = {}
+        if self.algo == "grpo":
+            unused |= dict.fromkeys(_CRITIC_OPTIONS + ("vf_coef", "kl_in_reward"), "a PPO/TRPO option (GRPO has no "
+                                    "critic and puts β·KL in its loss)")
+            unused |= dict.fromkeys(_TRPO_OPTIONS, "a TRPO option")
+        elif self.algo == "ppo":
+            unused |= {"loss_type": "PPO averages its loss over the tokens of a minibatch (token-mean)",
+                       "scale_rewards": "PPO's advantages come from its critic (GAE, then whiten_advantages)",
+                       "advantage_estimator": "PPO's advantages come from its critic (GAE)"}
+            unused |= dict.fromkeys(_TRPO_OPTIONS, "a TRPO option")
+        elif self.algo == "trpo":
+            unused |= dict.fromkeys(("epsilon", "epsilon_high"), "TRPO bounds its step by max_kl, not by clipping")
+            unused |= dict.fromkeys(("num_iterations", "num_minibatches", "loss_type"),
+                                    "TRPO takes one natural-gradient step per batch (trpo_value_steps are the "
+                                    "critic's)")
+            unused |= dict.fromkeys(("vf_coef", "kl_in_reward"), "TRPO fits its critic on its own loss and puts β·KL "
+                                    "in the token rewards (gae) or the surrogate (group)")
+            if self.trpo_advantages == "gae":
+                unused |= dict.fromkeys(("scale_rewards", "advantage_estimator"), "with trpo_advantages=gae the "
+                                        "critic's GAE gives the advantages")
+            else:
+                unused |= dict.fromkeys(_CRITIC_OPTIONS + ("trpo_value_steps", "learning_rate"),
+                                        "with trpo_advantages=group there is no critic (and the policy moves by "
+                                        "the natural-gradient step alone)")
+        return [f"{name}={getattr(self, name)!r} has no effect with algo={self.algo}: {why}"
+                for name, why in unused.items() if getattr(self, name) != getattr(default, name)]
+
+
+# Options only a trainer with a critic reads (PPO; TRPO with trpo_advantages=gae), and only TRPO's.
+_CRITIC_OPTIONS = ("gamma", "lam", "cliprange_value", "whiten_advantages", "critic", "critic_learning_rate")
+_TRPO_OPTIONS = ("max_kl", "cg_iters", "cg_damping", "max_backtracks", "trpo_value_steps", "fisher_subsample",
+                 "trpo_advantages")
+
 
 # TRL's loss_type names → the aggregation modes of zerorl.core.losses.aggregate.
 LOSS_TYPE_TO_AGG_MODE = {

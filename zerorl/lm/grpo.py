@@ -59,7 +59,9 @@ from zerorl.lm.value_model import (
     parameter_counts,
     reference_logprobs,
     reference_model,
+    refresh_reference,
     trainable_parameters,
+    training_reward_set,
 )
 
 
@@ -120,6 +122,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     if ref_model is not None:
         store_for_autocast(ref_model, config)
     ref_pages = offload_reference(ref_model, config, run.run_dir, run.device)
+    # The task's rule-based rewards, or a reward model (its score the reward, the rules still logged).
+    reward_set, scorer = training_reward_set(run, config)
 
     # zerorl's lean forward (same math: shared prompts, no padding in the matmuls) where supported.
     policy_native = native_decoder(model, config)
@@ -130,7 +134,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     replica_natives = [policy_native] + [native_decoder(copy_, config) for copy_ in replicas.models[1:]]
     scheduler = make_scheduler(optimizer, config, total_steps=config.max_steps)
     modules = {"model": model} | ({"ref_model": ref_model} if ref_model is not None else {})
-    held_models = {"policy": model, "reference": ref_model}
+    held_models = {"policy": model, "reference": ref_model, "reward_model": scorer.model if scorer else None}
     held = parameter_counts(held_models)
 
     state, evaluated_now = begin_training(run, modules, optimizer, scheduler, resume)
@@ -149,8 +153,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
         # 1. Prompts → G completions each → rule-based rewards.
         prompts, data_cursor = next_prompts(run, data_cursor)
-        errors_before = dict(run.reward_set.error_counts)  # samples scored 0.0 under reward_errors=zero
-        batch, timings = rollout_and_score(run.engine, prompts, sampling, run.reward_set,
+        errors_before = dict(reward_set.error_counts)  # samples scored 0.0 under reward_errors=zero
+        batch, timings = rollout_and_score(run.engine, prompts, sampling, reward_set,
                                            seed=rollout_seed(config, step))
 
         release_free_memory()  # the decode's KV cache and temporaries
@@ -229,8 +233,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                        f"({nonfinite_in_a_row} step(s) in a row; the run stops at {config.max_nonfinite_steps})")
 
         # 5. Refresh the reference model every N steps (optional; DeepSeek-R1 style long runs).
-        if ref_model is not None and config.ref_model_sync_steps and (step + 1) % config.ref_model_sync_steps == 0:
-            ref_model.load_state_dict(model.state_dict())
+        refresh_reference(ref_model, model, config, step + 1)
 
         # 6. Metrics, checkpoint.
         train_seconds = time.perf_counter() - train_start
@@ -247,7 +250,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             "data_cursor": data_cursor,
         })
         row.update({f"rewards/{name}/errors": count - errors_before[name]
-                    for name, count in run.reward_set.error_counts.items()})
+                    for name, count in reward_set.error_counts.items()})
         run.logger.log(row)
         if nonfinite_in_a_row >= config.max_nonfinite_steps:
             raise NonFiniteLossError(nonfinite_abort_message(step + 1, nonfinite_in_a_row, run.checkpoint_root))

@@ -60,6 +60,7 @@ from zerorl.lm.value_model import (
     parameter_counts,
     reference_logprobs,
     reference_model,
+    refresh_reference,
     rollout_logprobs_and_values,
     token_level_rewards,
     trainable_parameters,
@@ -200,6 +201,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # spent: not carried through the next rollout (as in grpo.py)
         run.engine.sync_weights(policy)  # vLLM copies the updated weights; the in-process engine reads them live
+        refresh_reference(ref_model, policy, config, step + 1)  # every ref_model_sync_steps (0 = never)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped_in_a_row >= config.max_nonfinite_steps:
             raise NonFiniteLossError(nonfinite_abort_message(step + 1, skipped_in_a_row, run.checkpoint_root))

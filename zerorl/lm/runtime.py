@@ -187,6 +187,8 @@ def setup_lm_run(config: TrainConfig, resume: bool = False) -> LMRun:
     Cheapest checks first (config values, the run directory, the task and its data), so that a typo is
     reported in a second, before a model is loaded or the embedded base model is built."""
     config.validate()
+    for line in config.unused_options():
+        print(f"note: {line}", file=sys.stderr, flush=True)
     run_dir = Path(config.output_dir)
     if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
         raise ConfigError(f"output_dir={str(run_dir)!r} already holds a run with checkpoints. "

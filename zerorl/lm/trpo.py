@@ -70,6 +70,7 @@ from zerorl.lm.value_model import (
     parameter_counts,
     reference_logprobs,
     reference_model,
+    refresh_reference,
     token_level_rewards,
     trainable_parameters,
     training_reward_set,
@@ -388,6 +389,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         # 4. The natural-gradient step with its line search, then the critic.
         info = trust_region_update(policy, policy_params, batch, old_vocab, config, run.workers, replicas)
         run.engine.sync_weights(policy)  # vLLM copies the updated weights; the in-process engine reads them live
+        refresh_reference(ref_model, policy, config, step + 1)  # every ref_model_sync_steps (0 = never)
         critic_metrics = {}
         if with_critic:
             critic_metrics = fit_critic(policy, critic, critic_params, optimizer, batch, config,

@@ -284,6 +284,14 @@ def reference_model(policy: nn.Module, config: TrainConfig) -> nn.Module | None:
     return None
 
 
+def refresh_reference(ref_model: nn.Module | None, policy: nn.Module, config: TrainConfig, step: int) -> None:
+    """π_ref ← π_θ after every ``ref_model_sync_steps`` steps (``step`` counts from 1; 0 = never): the
+    DeepSeek-R1 / TRL ``sync_ref_model`` practice for long runs, where a reference left at the start pulls the
+    policy back further and further."""
+    if ref_model is not None and config.ref_model_sync_steps and step % config.ref_model_sync_steps == 0:
+        ref_model.load_state_dict(policy.state_dict())
+
+
 def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch, config: TrainConfig,
                        workers: CPUWorkers | None = None) -> torch.Tensor:
     """log π_ref of the batch: the frozen copy, or (LoRA) the policy with its adapters switched off — both on
