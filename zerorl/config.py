@@ -85,7 +85,7 @@ class TrainConfig:
     eval_at_end: bool = True
     save_steps: int = 50
     save_total_limit: int = 2
-    logging_steps: int = 1
+    logging_steps: int = 10  # a console line of metrics every N steps (TRL's default); 0 = none. metrics.jsonl: every step
     plots: bool = True
     progress: bool = True
 
@@ -177,6 +177,7 @@ class TrainConfig:
         _check("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "must be > 0")
         _check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "must be ≥ 0")
         _check("save_steps", self.save_steps, self.save_steps >= 0, "must be ≥ 0 (0 = only at the end)")
+        _check("logging_steps", self.logging_steps, self.logging_steps >= 0, "must be ≥ 0 (0 = no console lines)")
         _check("save_total_limit", self.save_total_limit, self.save_total_limit >= 1, "keep at least 1 checkpoint")
         _check("ref_model_sync_steps", self.ref_model_sync_steps, self.ref_model_sync_steps >= 0, "must be ≥ 0")
         if self.ref_offload and self.device.startswith("cuda"):

@@ -396,7 +396,10 @@ def begin_training(run: LMRun, modules: dict[str, torch.nn.Module], optimizer, s
     """
     state = (restore_training_state(run, modules, optimizer, scheduler) if resume else None) or {}
     state = {"step": 0, "data_cursor": 0, **state}
-    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=state["step"] if resume else None)
+    # Every step goes to metrics.jsonl; every logging_steps-th also to the console, above the progress bar.
+    run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=state["step"] if resume else None,
+                               echo_every=run.config.logging_steps, total_steps=run.config.max_steps,
+                               echo=_console_line)
     evaluated_now = False
     if run.config.eval_at_start and "eval_before" not in run.summary:
         print(describe_eval("before", run_evaluation(run, "before")), flush=True)
@@ -454,6 +457,13 @@ def close_reward_workers(run: LMRun) -> None:
     for _, fn, _ in run.reward_set.funcs:
         if isinstance(fn, ProcessRewardFunction):
             fn.close()
+
+
+def _console_line(text: str) -> None:
+    """A line above any progress bar (tqdm.write), or plainly printed when there is none."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text)
 
 
 def finish_run(run: LMRun, extra: dict | None = None) -> dict:

@@ -17,14 +17,37 @@ def _to_python(value: Any) -> Any:
     return value
 
 
+# The keys a console line shows, in this order, where a row has them (TRL's and verl's names).
+ECHO_KEYS = ("reward", "reward_std", "kl", "entropy", "clip_ratio", "completions/mean_length", "grad_norm",
+             "learning_rate", "step_time")
+
+
+def format_row(row: dict[str, Any], total_steps: int | None = None) -> str:
+    """One console line of a metrics row: step, the ECHO_KEYS and each reward function's mean."""
+    keys = [k for k in ECHO_KEYS if k in row]
+    keys[2:2] = [k for k in row if k.startswith("rewards/") and k.endswith("/mean")]  # after reward, reward_std
+
+    def value(key: str) -> str:
+        v = _to_python(row[key])
+        if key == "step_time":
+            return f"{v:.2f}s"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    step = f"step {row['step']}" + (f"/{total_steps}" if total_steps else "")
+    return " | ".join([step] + [f"{k} {value(k)}" for k in keys])
+
+
 class MetricsLogger:
-    """Appends one JSON object per step to ``metrics.jsonl``.
+    """Appends one JSON object per step to ``metrics.jsonl``, and every ``echo_every`` steps (TRL's
+    ``logging_steps``; 0 = never) prints the row as one console line, through ``echo``.
 
     On resume the file is truncated to the steps that the checkpoint already holds, so a killed
     run never leaves duplicated or orphaned lines behind.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None, echo_every: int = 0,
+                 total_steps: int | None = None, echo=print):
+        self.echo_every, self.total_steps, self.echo = echo_every, total_steps, echo
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -39,6 +62,8 @@ class MetricsLogger:
         clean = {key: _to_python(value) for key, value in row.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
+        if self.echo_every and clean.get("step", 0) % self.echo_every == 0:
+            self.echo(format_row(clean, self.total_steps))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
