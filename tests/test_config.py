@@ -113,3 +113,14 @@ def test_options_an_algorithm_never_reads_earn_a_note(tmp_path, capsys):
     with pytest.raises(ConfigError, match="task"):
         setup_lm_run(TrainConfig(algo="trpo", epsilon=0.3, task="no-such-task", output_dir=str(tmp_path)))
     assert "note: epsilon=0.3 has no effect with algo=trpo" in capsys.readouterr().err
+
+
+def test_sft_writes_where_its_output_dir_key_says(tmp_path):
+    """`zerorl sft output_dir=DIR` (or the YAML key) is honoured as --output-dir is, not ignored."""
+    from zerorl import cli
+
+    target = tmp_path / "base"
+    assert cli.main(["sft", f"output_dir={target}", "steps=2", "batch_size=4", "hidden_size=16", "num_layers=1",
+                     "num_heads=2", "num_kv_heads=1", "intermediate_size=32", "warmup_steps=0",
+                     "progress=false"]) == 0
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()

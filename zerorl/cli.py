@@ -80,8 +80,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.task:
         overrides["task"] = args.task
     config = build_config(SFTConfig, args.config, overrides)
-    if args.output_dir:
-        path = run_sft(config, args.output_dir)
+    output_dir = args.output_dir or config.output_dir  # the flag, else output_dir= / the YAML's key
+    if output_dir:
+        path = run_sft(config, output_dir)
     else:
         path = ensure_base_model(config.task, cache_dir=args.cache_dir or default_cache_dir(), config=config)
     print(f"base model: {path}")
