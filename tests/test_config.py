@@ -124,3 +124,14 @@ def test_sft_writes_where_its_output_dir_key_says(tmp_path):
                      "num_heads=2", "num_kv_heads=1", "intermediate_size=32", "warmup_steps=0",
                      "progress=false"]) == 0
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def test_eval_writes_where_its_output_dir_key_says(random_tiny_model, tmp_path):
+    from zerorl import cli
+
+    target = tmp_path / "eval-here"
+    assert cli.main(["eval", "--model", str(random_tiny_model), "--task", "arithmetic", f"output_dir={target}",
+                     "num_eval=4", "eval_samples_per_prompt=1", "max_completion_length=8", "template=compact",
+                     "progress=false"]) == 0
+    assert (target / "eval.json").is_file()
+    assert not (random_tiny_model / "eval").exists()

@@ -93,7 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from zerorl.lm.runtime import describe_eval, run_evaluation, setup_lm_run
 
     overrides = parse_overrides(args.overrides)
-    overrides.update({"model": args.model, "output_dir": args.output_dir or str(Path(args.model) / "eval")})
+    overrides["model"] = args.model
+    if args.output_dir or "output_dir" not in overrides:  # the flag, else an output_dir= key, else next to the model
+        overrides["output_dir"] = args.output_dir or str(Path(args.model) / "eval")
     if args.task:
         overrides["task"] = args.task
     config = build_config(TrainConfig, None, overrides)
