@@ -52,7 +52,7 @@ class PageCacheWeights:
     storage moves. CPU parameters only."""
 
     def __init__(self, module: nn.Module, directory: str | os.PathLike):
-        params = list(module.parameters())  # unique Parameter objects: a tied weight once
+        params = [p for p in module.parameters() if p.numel() > 0]  # unique objects: a tied weight once
         if any(p.device.type != "cpu" for p in params):
             raise ValueError("PageCacheWeights maps CPU parameters only; this module has parameters on "
                              f"{sorted({p.device.type for p in params} - {'cpu'})}.")
