@@ -47,8 +47,7 @@ def page_cache_supported() -> bool:
 class PageCacheWeights:
     """A module's parameters moved into one shared file mapping; ``release()`` drops their pages from the process.
 
-    Call ``release()`` after the passes that read the weights (or use it as a context manager around them).
-    Parameters keep their objects, shapes, dtypes and values (tied weights stay tied); only their
+    Call ``release()`` after the passes that read the weights. Parameters keep their objects, shapes, dtypes and values (tied weights stay tied); only their
     storage moves. CPU parameters only."""
 
     def __init__(self, module: nn.Module, directory: str | os.PathLike):
@@ -100,12 +99,6 @@ class PageCacheWeights:
         except OSError:
             return -1
         return 0
-
-    def __enter__(self) -> PageCacheWeights:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def _address(mapping: mmap.mmap) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from zerorl.checkpoint import (
     CheckpointError,
@@ -399,7 +400,7 @@ def begin_training(run: LMRun, modules: dict[str, torch.nn.Module], optimizer, s
     # Every step goes to metrics.jsonl; every logging_steps-th also to the console, above the progress bar.
     run.logger = MetricsLogger(run.run_dir / "metrics.jsonl", resume_step=state["step"] if resume else None,
                                echo_every=run.config.logging_steps, total_steps=run.config.max_steps,
-                               echo=_console_line)
+                               echo=tqdm.write)  # above any progress bar
     evaluated_now = False
     if run.config.eval_at_start and "eval_before" not in run.summary:
         print(describe_eval("before", run_evaluation(run, "before")), flush=True)
@@ -430,8 +431,6 @@ def rollout_seed(config: TrainConfig, step: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def run_evaluation(run: LMRun, label: str) -> dict:
-    from tqdm.auto import tqdm
-
     config = run.config
     with tqdm(total=len(run.eval_rows), desc=f"eval ({label})", unit="prompt", leave=False,
               disable=not config.progress) as bar:
@@ -457,13 +456,6 @@ def close_reward_workers(run: LMRun) -> None:
     for _, fn, _ in run.reward_set.funcs:
         if isinstance(fn, ProcessRewardFunction):
             fn.close()
-
-
-def _console_line(text: str) -> None:
-    """A line above any progress bar (tqdm.write), or plainly printed when there is none."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(text)
 
 
 def finish_run(run: LMRun, extra: dict | None = None) -> dict:

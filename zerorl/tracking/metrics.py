@@ -17,18 +17,20 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-# The keys a console line shows, in this order, where a row has them (TRL's and verl's names).
+# The keys a console line shows, in this order, where a row has them (TRL's and verl's names); each reward
+# function's mean comes after the first two.
 ECHO_KEYS = ("reward", "reward_std", "kl", "entropy", "clip_ratio", "completions/mean_length", "grad_norm",
              "learning_rate", "step_time")
 
 
 def format_row(row: dict[str, Any], total_steps: int | None = None) -> str:
-    """One console line of a metrics row: step, the ECHO_KEYS and each reward function's mean."""
-    keys = [k for k in ECHO_KEYS if k in row]
-    keys[2:2] = [k for k in row if k.startswith("rewards/") and k.endswith("/mean")]  # after reward, reward_std
+    """One console line of a metrics row (plain Python values, as ``MetricsLogger.log`` writes them): step, the
+    ECHO_KEYS and each reward function's mean."""
+    rewards = [k for k in row if k.startswith("rewards/") and k.endswith("/mean")]
+    keys = [k for k in ECHO_KEYS[:2] if k in row] + rewards + [k for k in ECHO_KEYS[2:] if k in row]
 
     def value(key: str) -> str:
-        v = _to_python(row[key])
+        v = row[key]
         if key == "step_time":
             return f"{v:.2f}s"
         return f"{v:.3g}" if isinstance(v, float) else str(v)
